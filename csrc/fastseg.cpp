@@ -1,0 +1,36 @@
+// The fastseg operator library: every schema in one place, so the op surface is reviewable at a glance.
+// Kernels register per device in csrc/<family>/*_cpu.cpp and *_cuda.cpp; fake kernels and autograd are
+// registered from Python (fastseg/ops/).
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef FASTSEG_TORCH_VERSION
+#define FASTSEG_TORCH_VERSION "unknown"
+#endif
+
+extern "C" {
+// `import fastseg._C` loads this shared library, which runs the TORCH_LIBRARY registrations below. The
+// module only carries the build configuration, read by fastseg/_extension.py to refuse a stale build.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* m = PyModule_Create(&def);
+  if (m == nullptr) return nullptr;
+  PyModule_AddStringConstant(m, "torch_version", FASTSEG_TORCH_VERSION);
+#ifdef FASTSEG_WITH_CUDA
+  PyModule_AddIntConstant(m, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(m, "with_cuda", 0);
+#endif
+  return m;
+}
+}
+
+TORCH_LIBRARY(fastseg, m) {
+  // Per-(sample, class) sums [I, P, G, A, U] of the fused Dice + CE (csrc/dice_ce/dice_ce.h).
+  // logits (B, C, N) any strides; target (B, N) integer labels or (B, C, N) mask; activation 0 softmax,
+  // 1 sigmoid. Returns (B, C, 5) float32 (float64 for float64 logits).
+  m.def("dice_ce_stats(Tensor logits, Tensor target, int activation, int? ignore_index, bool squared_pred) -> Tensor");
+  m.def(
+      "dice_ce_stats_backward(Tensor grad_stats, Tensor logits, Tensor target, int activation, int? ignore_index, "
+      "bool squared_pred) -> Tensor");
+}
