@@ -31,7 +31,7 @@ def _extension():
     with_cuda = _use_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*/*_cpu.cpp"))
     torch_version = torch.__version__.split("+")[0]
-    cxx = ["-O0" if debug else "-O3", "-std=c++17", "-fopenmp", f'-DFASTSEG_TORCH_VERSION="{torch_version}"']
+    cxx = ["-O0" if debug else "-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", f'-DFASTSEG_TORCH_VERSION="{torch_version}"']
     if debug:
         cxx.append("-g")
     extra = {"cxx": cxx}

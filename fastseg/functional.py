@@ -4,6 +4,7 @@ is ever materialised.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -65,6 +66,7 @@ def _prepare(logits: torch.Tensor, target: torch.Tensor, activation: int, ignore
         )
     B, C = logits.shape[:2]
     spatial = tuple(logits.shape[2:])
+    n = math.prod(spatial)
     if activation == SOFTMAX and C < 2:
         _fail("logits", "at least 2 channels for activation='softmax' (use 'sigmoid' for one channel)",
               _describe(logits))
@@ -82,7 +84,7 @@ def _prepare(logits: torch.Tensor, target: torch.Tensor, activation: int, ignore
             target = target.view(torch.uint8)
         elif target.dtype in (torch.uint16, torch.uint32, torch.uint64):
             target = target.to(torch.int64)
-        return logits.reshape(B, C, -1), target.reshape(B, -1)
+        return logits.reshape(B, C, n), target.reshape(B, n)
     if target.dim() == logits.dim():
         if tuple(target.shape) != tuple(logits.shape):
             _fail("target", f"a mask of shape {tuple(logits.shape)} (same as logits) or labels of shape "
@@ -91,7 +93,7 @@ def _prepare(logits: torch.Tensor, target: torch.Tensor, activation: int, ignore
             _fail("ignore_index", "None with a (B, C, *spatial) mask target (ignore_index needs labels)",
                   ignore_index)
         target = _as_mask(target, logits)
-        return logits.reshape(B, C, -1), target.reshape(B, C, -1)
+        return logits.reshape(B, C, n), target.reshape(B, C, n)
     _fail("target", f"labels of shape {(B, *spatial)} or {(B, 1, *spatial)}, or a mask of shape "
           f"{tuple(logits.shape)}", _describe(target))
 

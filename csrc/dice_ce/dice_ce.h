@@ -54,35 +54,38 @@ FASTSEG_HD T pred_term(T p, bool squared) {
   return squared ? p * p : p;
 }
 
-// Softmax: add voxel v's contribution for class c; p = probability, nlp = -log p.
+// One voxel's contribution to the five sums of one class (returned by value so that loops summing them
+// vectorise as reductions).
 template <typename T>
-FASTSEG_HD void softmax_stats(T p, T nlp, T g, T m, bool squared, T& I, T& P, T& G, T& A, T& U) {
-  I += p * g * m;
-  P += pred_term(p, squared) * m;
-  G += pred_term(g, squared) * m;
-  A += g * nlp * m;
-  U += nlp * m;
+struct Terms {
+  T I, P, G, A, U;
+};
+
+// Softmax: p = probability, nlp = -log p.
+template <typename T>
+FASTSEG_HD Terms<T> softmax_terms(T p, T nlp, T g, T m, bool squared) {
+  return {p * g * m, pred_term(p, squared) * m, pred_term(g, squared) * m, g * nlp * m, nlp * m};
 }
 
-// Stable sigmoid terms: s = sigmoid(x), nls = -log s, nl1s = -log(1 - s).
+// Stable sigmoid pieces: s = sigmoid(x), nls = -log s, nl1s = -log(1 - s).
 template <typename T>
-FASTSEG_HD void sigmoid_terms(T x, T& s, T& nls, T& nl1s) {
+struct Sigmoid {
+  T s, nls, nl1s;
+};
+
+template <typename T>
+FASTSEG_HD Sigmoid<T> sigmoid_of(T x) {
   const T ax = x < T(0) ? -x : x;
   const T e = exp_nonpos(-ax);
   const T l = log_ge1(T(1) + e);
   const T inv = T(1) / (T(1) + e);
-  s = x >= T(0) ? inv : e * inv;
-  nls = l + max_(-x, T(0));
-  nl1s = l + max_(x, T(0));
+  return {x >= T(0) ? inv : e * inv, l + max_(-x, T(0)), l + max_(x, T(0))};
 }
 
 template <typename T>
-FASTSEG_HD void sigmoid_stats(T s, T nls, T nl1s, T g, T m, bool squared, T& I, T& P, T& G, T& A, T& U) {
-  I += s * g * m;
-  P += pred_term(s, squared) * m;
-  G += pred_term(g, squared) * m;
-  A += g * nls * m;
-  U += (T(1) - g) * nl1s * m;
+FASTSEG_HD Terms<T> sigmoid_terms(const Sigmoid<T>& sg, T g, T m, bool squared) {
+  return {sg.s * g * m, pred_term(sg.s, squared) * m, pred_term(g, squared) * m, g * sg.nls * m,
+          (T(1) - g) * sg.nl1s * m};
 }
 
 // d loss / d p from the Dice sums.

@@ -23,6 +23,11 @@
 #else
 #define FASTSEG_CPU_CLONES
 #endif
+#if defined(__GNUC__)
+#define FASTSEG_TILE_INLINE inline __attribute__((always_inline))
+#else
+#define FASTSEG_TILE_INLINE inline
+#endif
 
 namespace fastseg {
 namespace dice_ce {
@@ -46,7 +51,7 @@ struct Tile {
 };
 
 template <typename T, bool kLabels>
-inline T target_at(const Tile<T>& tl, int64_t c, int64_t t) {
+FASTSEG_TILE_INLINE T target_at(const Tile<T>& tl, int64_t c, int64_t t) {
   if constexpr (kLabels) {
     return static_cast<T>(tl.y[t] == c);
   } else {
@@ -56,78 +61,99 @@ inline T target_at(const Tile<T>& tl, int64_t c, int64_t t) {
 
 // Softmax pieces of a tile: e = exp(x - max), s1 = 1 / sum e, s2 = log-sum-exp.
 template <typename T>
-inline void softmax_tile(const Tile<T>& tl) {
+FASTSEG_TILE_INLINE void softmax_tile(const Tile<T>& tl) {
   const int64_t n = tl.n, ld = tl.ld;
   T* mx = tl.s0;
   T* inv = tl.s1;
   T* lse = tl.s2;
+#pragma omp simd
   for (int64_t t = 0; t < n; ++t) mx[t] = tl.x[t];
   for (int64_t c = 1; c < tl.C; ++c) {
     const T* xc = tl.x + c * ld;
+#pragma omp simd
     for (int64_t t = 0; t < n; ++t) mx[t] = max_(mx[t], xc[t]);
   }
+#pragma omp simd
   for (int64_t t = 0; t < n; ++t) inv[t] = T(0);
   for (int64_t c = 0; c < tl.C; ++c) {
     const T* xc = tl.x + c * ld;
     T* ec = tl.e + c * ld;
+#pragma omp simd
     for (int64_t t = 0; t < n; ++t) {
       ec[t] = exp_nonpos(xc[t] - mx[t]);
       inv[t] += ec[t];
     }
   }
+#pragma omp simd
   for (int64_t t = 0; t < n; ++t) {
     lse[t] = mx[t] + log_ge1(inv[t]);
     inv[t] = T(1) / inv[t];
   }
 }
 
-template <typename T, bool kLabels>
-inline void softmax_forward(const Tile<T>& tl, T* st) {
-  softmax_tile(tl);
-  const int64_t n = tl.n, ld = tl.ld;
-  for (int64_t c = 0; c < tl.C; ++c) {
-    const T* xc = tl.x + c * ld;
-    const T* ec = tl.e + c * ld;
-    T I = 0, P = 0, G = 0, A = 0, U = 0;
-#pragma omp simd reduction(+ : I, P, G, A, U)
-    for (int64_t t = 0; t < n; ++t) {
-      const T p = ec[t] * tl.s1[t];
-      const T nlp = tl.s2[t] - xc[t];
-      softmax_stats(p, nlp, target_at<T, kLabels>(tl, c, t), tl.m[t], tl.squared, I, P, G, A, U);
+// Adds sum_t term(t) to st[0..5). Lane-wise partial sums: a vectorisable loop without needing
+// -fassociative-math (an `omp simd reduction` here defeats gcc's vectoriser).
+template <typename T, typename F>
+FASTSEG_TILE_INLINE void add_terms(int64_t n, const F& term, T* st) {
+  constexpr int L = 8;
+  T acc[kNumStats][L] = {};
+  int64_t t = 0;
+  for (; t + L <= n; t += L) {
+    for (int j = 0; j < L; ++j) {
+      const Terms<T> d = term(t + j);
+      acc[kI][j] += d.I, acc[kP][j] += d.P, acc[kG][j] += d.G, acc[kA][j] += d.A, acc[kU][j] += d.U;
     }
-    T* s = st + c * kNumStats;
-    s[kI] += I, s[kP] += P, s[kG] += G, s[kA] += A, s[kU] += U;
+  }
+  for (; t < n; ++t) {
+    const Terms<T> d = term(t);
+    acc[kI][0] += d.I, acc[kP][0] += d.P, acc[kG][0] += d.G, acc[kA][0] += d.A, acc[kU][0] += d.U;
+  }
+  for (int k = 0; k < kNumStats; ++k)
+    for (int j = 0; j < L; ++j) st[k] += acc[k][j];
+}
+
+template <typename T, bool kLabels>
+FASTSEG_TILE_INLINE void softmax_forward(const Tile<T>& tl, T* st) {
+  softmax_tile(tl);
+  for (int64_t c = 0; c < tl.C; ++c) {
+    const T* xc = tl.x + c * tl.ld;
+    const T* ec = tl.e + c * tl.ld;
+    add_terms(
+        tl.n,
+        [&](int64_t t) {
+          return softmax_terms(ec[t] * tl.s1[t], tl.s2[t] - xc[t], target_at<T, kLabels>(tl, c, t), tl.m[t],
+                               tl.squared);
+        },
+        st + c * kNumStats);
   }
 }
 
 template <typename T, bool kLabels>
-inline void sigmoid_forward(const Tile<T>& tl, T* st) {
-  const int64_t n = tl.n, ld = tl.ld;
+FASTSEG_TILE_INLINE void sigmoid_forward(const Tile<T>& tl, T* st) {
   for (int64_t c = 0; c < tl.C; ++c) {
-    const T* xc = tl.x + c * ld;
-    T I = 0, P = 0, G = 0, A = 0, U = 0;
-#pragma omp simd reduction(+ : I, P, G, A, U)
-    for (int64_t t = 0; t < n; ++t) {
-      T s, nls, nl1s;
-      sigmoid_terms(xc[t], s, nls, nl1s);
-      sigmoid_stats(s, nls, nl1s, target_at<T, kLabels>(tl, c, t), tl.m[t], tl.squared, I, P, G, A, U);
-    }
-    T* s = st + c * kNumStats;
-    s[kI] += I, s[kP] += P, s[kG] += G, s[kA] += A, s[kU] += U;
+    const T* xc = tl.x + c * tl.ld;
+    add_terms(
+        tl.n,
+        [&](int64_t t) {
+          return sigmoid_terms(sigmoid_of(xc[t]), target_at<T, kLabels>(tl, c, t), tl.m[t], tl.squared);
+        },
+        st + c * kNumStats);
   }
 }
 
 // Writes d loss / d x of the tile into tl.x (the logits are no longer needed once e is computed).
 template <typename T, bool kLabels>
-inline void softmax_backward(const Tile<T>& tl, const T* gs) {
+FASTSEG_TILE_INLINE void softmax_backward(const Tile<T>& tl, const T* gs) {
   softmax_tile(tl);
   const int64_t n = tl.n, ld = tl.ld;
   T* pa = tl.s0;  // sum_c p_c a_c (the max is no longer needed)
   T* hs = tl.s2;  // sum_c h_c
+#pragma omp simd
   for (int64_t t = 0; t < n; ++t) pa[t] = hs[t] = T(0);
   for (int64_t c = 0; c < tl.C; ++c) {
     T* ec = tl.e + c * ld;
     const T* g = gs + c * kNumStats;
+#pragma omp simd
     for (int64_t t = 0; t < n; ++t) {
       const T p = ec[t] * tl.s1[t];
       const T gt = target_at<T, kLabels>(tl, c, t);
@@ -140,6 +166,7 @@ inline void softmax_backward(const Tile<T>& tl, const T* gs) {
     const T* pc = tl.e + c * ld;
     T* dx = tl.x + c * ld;
     const T* g = gs + c * kNumStats;
+#pragma omp simd
     for (int64_t t = 0; t < n; ++t) {
       const T gt = target_at<T, kLabels>(tl, c, t);
       const T a = dice_dp(pc[t], gt, tl.m[t], g[kI], g[kP], tl.squared);
@@ -150,15 +177,14 @@ inline void softmax_backward(const Tile<T>& tl, const T* gs) {
 }
 
 template <typename T, bool kLabels>
-inline void sigmoid_backward(const Tile<T>& tl, const T* gs) {
+FASTSEG_TILE_INLINE void sigmoid_backward(const Tile<T>& tl, const T* gs) {
   const int64_t n = tl.n, ld = tl.ld;
   for (int64_t c = 0; c < tl.C; ++c) {
     T* xc = tl.x + c * ld;
     const T* g = gs + c * kNumStats;
+#pragma omp simd
     for (int64_t t = 0; t < n; ++t) {
-      T s, nls, nl1s;
-      sigmoid_terms(xc[t], s, nls, nl1s);
-      xc[t] = sigmoid_grad(s, target_at<T, kLabels>(tl, c, t), tl.m[t], g[kI], g[kP], g[kA], g[kU],
+      xc[t] = sigmoid_grad(sigmoid_of(xc[t]).s, target_at<T, kLabels>(tl, c, t), tl.m[t], g[kI], g[kP], g[kA], g[kU],
                            tl.squared);
     }
   }
@@ -214,6 +240,7 @@ template <typename src_t, typename dst_t>
 void gather(const src_t* base, Strides s, int64_t C, int64_t n, int64_t ld, dst_t* out) {
   if (s.n == 1) {
     for (int64_t c = 0; c < C; ++c)
+#pragma omp simd
       for (int64_t t = 0; t < n; ++t) out[c * ld + t] = static_cast<dst_t>(base[c * s.c + t]);
   } else {
     for (int64_t t = 0; t < n; ++t)
@@ -225,6 +252,7 @@ template <typename src_t, typename dst_t>
 void scatter(const src_t* in, int64_t C, int64_t n, int64_t ld, dst_t* base, Strides s) {
   if (s.n == 1) {
     for (int64_t c = 0; c < C; ++c)
+#pragma omp simd
       for (int64_t t = 0; t < n; ++t) base[c * s.c + t] = static_cast<dst_t>(in[c * ld + t]);
   } else {
     for (int64_t t = 0; t < n; ++t)
@@ -259,6 +287,32 @@ struct TileLoader {
     y.assign(kLabels ? ld : 0, -1);
   }
 
+  // Branch-free decode (vectorises); the rare bad label is located by a second, scalar look.
+  void load_labels(const tgt_t* lab, int64_t stride, int64_t n, T* m) {
+    const int64_t C = pb.C, ign = pb.ignore_index;
+    const bool has_ign = pb.has_ignore;
+    int32_t any_bad = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t raw = static_cast<int64_t>(lab[t * stride]);
+      const bool ignored = has_ign && raw == ign;
+      const bool in_range = raw >= 0 && raw < C;
+      any_bad |= static_cast<int32_t>(!ignored && !in_range);
+      y[t] = (!ignored && in_range) ? static_cast<int32_t>(raw) : -1;
+      m[t] = y[t] >= 0 ? T(1) : T(0);
+    }
+    if (any_bad && bad == kNoBadLabel) {
+      for (int64_t t = 0; t < n; ++t) {
+        bool is_bad = false;
+        const int64_t raw = static_cast<int64_t>(lab[t * stride]);
+        decode_label(raw, pb, is_bad);
+        if (is_bad) {
+          bad = raw;
+          break;
+        }
+      }
+    }
+  }
+
   Tile<T> load(int64_t tile, int64_t& b) {
     b = tile / tiles_per_sample;
     const int64_t v0 = (tile % tiles_per_sample) * ld;
@@ -270,18 +324,7 @@ struct TileLoader {
     Tile<T> tl{pb.C, n, ld, pb.squared, x, e, nullptr, y.data(), m, g, g + ld, g + 2 * ld};
     gather(logits + b * ls.b + v0 * ls.n, ls, pb.C, n, ld, x);
     if constexpr (kLabels) {
-      bool bad_here = false;
-      const tgt_t* lab = target + b * ts.b + v0 * ts.n;
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t raw = static_cast<int64_t>(lab[t * ts.n]);
-        bool is_bad = false;
-        y[t] = decode_label(raw, pb, is_bad);
-        m[t] = y[t] >= 0 ? T(1) : T(0);
-        if (is_bad && !bad_here) {
-          bad_here = true;
-          if (bad == kNoBadLabel) bad = raw;
-        }
-      }
+      load_labels(target + b * ts.b + v0 * ts.n, ts.n, n, m);
     } else {
       T* gm = g + 3 * ld;
       gather(target + b * ts.b + v0 * ts.n, ts, pb.C, n, ld, gm);
