@@ -31,7 +31,7 @@ def _extension():
     with_cuda = _use_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*/*_cpu.cpp"))
     torch_version = torch.__version__.split("+")[0]
-    cxx = ["-O0" if debug else "-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", f'-DFASTSEG_TORCH_VERSION="{torch_version}"']
+    cxx = ["-O0" if debug else "-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", f'-DFASTSEG_TORCH_VERSION="{torch_version}"']
     if debug:
         cxx.append("-g")
     extra = {"cxx": cxx}
@@ -39,7 +39,7 @@ def _extension():
     if with_cuda:
         sources += sorted(glob.glob("csrc/*/*_cuda.cpp") + glob.glob("csrc/*/*.cu"))
         cxx.append("-DFASTSEG_WITH_CUDA")
-        extra["nvcc"] = ["-O0" if debug else "-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
+        extra["nvcc"] = ["-O0" if debug else "-O3", "-lineinfo", "--expt-relaxed-constexpr",
                          f'-DFASTSEG_TORCH_VERSION="{torch_version}"', "-DFASTSEG_WITH_CUDA"]
         ext = CUDAExtension("fastseg._C", sources, extra_compile_args=extra, **kwargs)
     else:
