@@ -364,3 +364,12 @@ def test_op_level_errors():
         torch.ops.fastseg.dice_ce_stats(_x(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), 7, None, False)
     with pytest.raises(ValueError, match="got label 5"):
         torch.ops.fastseg.dice_ce_stats(_x(2, 3, 4), torch.full((2, 4), 5), 0, None, False)
+
+
+@needs_ext
+def test_double_backward_is_refused_clearly():
+    x, t = make_inputs(dtype=torch.float32)
+    x.requires_grad_()
+    (g,) = torch.autograd.grad(dice_ce_loss(x, t), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()

@@ -69,3 +69,16 @@ if _extension.available():
         return grad, None, None, None, None
 
     torch.library.register_autograd("fastseg::dice_ce_stats", _backward, setup_context=_setup_context)
+
+    def _setup_context_bw(ctx, inputs, output):
+        pass
+
+    def _double_backward(ctx, grad):
+        raise RuntimeError(
+            "fastseg: double backward (second derivatives) of the fused Dice + CE loss is not supported; "
+            "use fastseg._reference.dice_ce_stats if you need it"
+        )
+
+    torch.library.register_autograd(
+        "fastseg::dice_ce_stats_backward", _double_backward, setup_context=_setup_context_bw
+    )
