@@ -35,7 +35,8 @@ namespace {
 
 constexpr int64_t kNoBadLabel = std::numeric_limits<int64_t>::min();
 
-// One tile: logits x (C, T), per-voxel class y and mask m, or a mask target g (C, T); scratch of 4 T.
+// One tile: logits x (C, T), exp buffer e (C, T), per-voxel class y and mask m, or a mask target g (C, T);
+// five scratch rows s0..s4 of T.
 template <typename T>
 struct Tile {
   int64_t C, n, ld;  // classes, voxels in this tile, leading dimension (= T)
@@ -48,6 +49,8 @@ struct Tile {
   T* s0;
   T* s1;
   T* s2;
+  T* s3;
+  T* s4;
 };
 
 template <typename T, bool kLabels>
@@ -141,37 +144,62 @@ FASTSEG_TILE_INLINE void sigmoid_forward(const Tile<T>& tl, T* st) {
   }
 }
 
-// Writes d loss / d x of the tile into tl.x (the logits are no longer needed once e is computed).
+// Writes d loss / d x of the tile into tl.x. Two sweeps over the classes: the first computes e = exp(x - max)
+// and, alongside the softmax sum, the sums needed for sum_c p_c a_c = m (S1 / s + 2 S2 / s^2) with
+// S1 = sum_c e_c (gI_c g_c + [!squared] gP_c) and S2 = [squared] sum_c e_c^2 gP_c, and H / m = sum_c gA_c g_c + gU_c.
 template <typename T, bool kLabels>
 FASTSEG_TILE_INLINE void softmax_backward(const Tile<T>& tl, const T* gs) {
-  softmax_tile(tl);
   const int64_t n = tl.n, ld = tl.ld;
-  T* pa = tl.s0;  // sum_c p_c a_c (the max is no longer needed)
-  T* hs = tl.s2;  // sum_c h_c
+  const bool sq = tl.squared;
+  T* mx = tl.s0;
+  T* sum = tl.s1;
+  T* S1 = tl.s2;
+  T* S2 = tl.s3;
+  T* H = tl.s4;
 #pragma omp simd
-  for (int64_t t = 0; t < n; ++t) pa[t] = hs[t] = T(0);
+  for (int64_t t = 0; t < n; ++t) mx[t] = tl.x[t];
+  for (int64_t c = 1; c < tl.C; ++c) {
+    const T* xc = tl.x + c * ld;
+#pragma omp simd
+    for (int64_t t = 0; t < n; ++t) mx[t] = max_(mx[t], xc[t]);
+  }
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) sum[t] = S1[t] = S2[t] = H[t] = T(0);
   for (int64_t c = 0; c < tl.C; ++c) {
+    const T* xc = tl.x + c * ld;
     T* ec = tl.e + c * ld;
     const T* g = gs + c * kNumStats;
+    const T gP1 = sq ? T(0) : g[kP];
+    const T gP2 = sq ? g[kP] : T(0);
 #pragma omp simd
     for (int64_t t = 0; t < n; ++t) {
-      const T p = ec[t] * tl.s1[t];
+      const T e = exp_nonpos(xc[t] - mx[t]);
       const T gt = target_at<T, kLabels>(tl, c, t);
-      ec[t] = p;
-      pa[t] += p * dice_dp(p, gt, tl.m[t], g[kI], g[kP], tl.squared);
-      hs[t] += softmax_ce_h(gt, tl.m[t], g[kA], g[kU]);
+      ec[t] = e;
+      sum[t] += e;
+      S1[t] += e * (g[kI] * gt + gP1);
+      S2[t] += e * e * gP2;
+      H[t] += g[kA] * gt + g[kU];
     }
   }
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) {
+    const T inv = T(1) / sum[t];
+    sum[t] = inv;
+    S1[t] = tl.m[t] * (S1[t] * inv + T(2) * S2[t] * inv * inv);  // sum_c p_c a_c
+    H[t] *= tl.m[t];
+  }
   for (int64_t c = 0; c < tl.C; ++c) {
-    const T* pc = tl.e + c * ld;
+    const T* ec = tl.e + c * ld;
     T* dx = tl.x + c * ld;
     const T* g = gs + c * kNumStats;
 #pragma omp simd
     for (int64_t t = 0; t < n; ++t) {
+      const T p = ec[t] * sum[t];
       const T gt = target_at<T, kLabels>(tl, c, t);
-      const T a = dice_dp(pc[t], gt, tl.m[t], g[kI], g[kP], tl.squared);
+      const T a = dice_dp(p, gt, tl.m[t], g[kI], g[kP], sq);
       const T h = softmax_ce_h(gt, tl.m[t], g[kA], g[kU]);
-      dx[t] = softmax_grad(pc[t], a, h, pa[t], hs[t]);
+      dx[t] = softmax_grad(p, a, h, S1[t], H[t]);
     }
   }
 }
@@ -283,7 +311,7 @@ struct TileLoader {
       : pb(pb_), logits(l), ls(ls_), target(tg), ts(ts_) {
     ld = tile_size(pb.C);
     tiles_per_sample = (pb.N + ld - 1) / ld;
-    buf.assign((kLabels ? 2 : 3) * pb.C * ld + 4 * ld, T(0));
+    buf.assign((kLabels ? 2 : 3) * pb.C * ld + 6 * ld, T(0));
     y.assign(kLabels ? ld : 0, -1);
   }
 
@@ -321,12 +349,12 @@ struct TileLoader {
     T* e = x + pb.C * ld;
     T* m = e + pb.C * ld;
     T* g = m + ld;
-    Tile<T> tl{pb.C, n, ld, pb.squared, x, e, nullptr, y.data(), m, g, g + ld, g + 2 * ld};
+    Tile<T> tl{pb.C, n, ld, pb.squared, x, e, nullptr, y.data(), m, g, g + ld, g + 2 * ld, g + 3 * ld, g + 4 * ld};
     gather(logits + b * ls.b + v0 * ls.n, ls, pb.C, n, ld, x);
     if constexpr (kLabels) {
       load_labels(target + b * ts.b + v0 * ts.n, ts.n, n, m);
     } else {
-      T* gm = g + 3 * ld;
+      T* gm = g + 5 * ld;
       gather(target + b * ts.b + v0 * ts.n, ts, pb.C, n, ld, gm);
       tl.g = gm;
       for (int64_t t = 0; t < n; ++t) m[t] = T(1);
