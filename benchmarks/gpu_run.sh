@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The one script to run on a GPU machine, from the repo root: builds fastseg with its CUDA kernels, runs the
+# CUDA tests and the rest of the test suite, then the loss benchmark on CUDA. Every log and the results table
+# (<device-name>.md and .json, from bench_dice_ce.py) land in $OUT (default: benchmarks/results/gpu).
+#
+#   bash benchmarks/gpu_run.sh                 # build, test, bench
+#   bash benchmarks/gpu_run.sh test bench      # stages to run, in order (after an earlier build)
+#
+# Works offline: pip builds against the installed torch (--no-build-isolation --no-deps). Honours PYTHON,
+# TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default: all cores). A failing stage is reported and the
+# later stages still run; the exit status is non-zero if any stage failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(build test bench)
+status=0
+
+# run NAME CMD...: runs CMD, tees its output to $OUT/NAME.log, records a failure.
+run() {
+  local name=$1
+  shift
+  echo "== gpu_run $name: $*"
+  if ! "$@" 2>&1 | tee "$OUT/$name.log"; then
+    echo "== gpu_run $name: FAILED"
+    status=1
+  fi
+}
+
+env_report() {
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1 || true
+  command -v nvcc >/dev/null && nvcc --version | tail -2
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+  "$PY" -m pip list 2>/dev/null | grep -i -E '^(torch|monai|nnunetv2|pytest|pytest-benchmark|numpy|ninja|setuptools) ' || true
+}
+
+build() {
+  export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  "$PY" -m pip install -v --no-build-isolation --no-deps -e . || return 1
+  "$PY" -c "import fastseg; info = fastseg.build_info(); print(info); assert info['cuda_kernels'], 'no CUDA kernels'"
+}
+
+bench() {
+  "$PY" benchmarks/bench_dice_ce.py --device cuda --out "$OUT" || return 1
+  # The results table, also into this log.
+  for f in "$OUT"/*.md; do
+    [ -e "$f" ] && { echo "== $f"; cat "$f"; }
+  done
+}
+
+run env env_report
+for stage in "${stages[@]}"; do
+  case "$stage" in
+    build) run build build ;;
+    test)
+      run test_cuda "$PY" -m pytest -q -rs tests/test_dice_ce_cuda.py
+      run test_all "$PY" -m pytest -q tests --ignore=tests/test_dice_ce_cuda.py
+      ;;
+    bench) run bench bench ;;
+    *)
+      echo "gpu_run: unknown stage '$stage' (build, test, bench)"
+      status=2
+      ;;
+  esac
+done
+echo "== gpu_run: done, status $status; files in $OUT:"
+ls -l "$OUT"
+exit $status
