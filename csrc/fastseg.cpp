@@ -33,4 +33,9 @@ TORCH_LIBRARY(fastseg, m) {
   m.def(
       "dice_ce_stats_backward(Tensor grad_stats, Tensor logits, Tensor target, int activation, int? ignore_index, "
       "bool squared_pred) -> Tensor");
+  // Exact Euclidean distance transform (csrc/edt/edt.h), scipy.ndimage.distance_transform_edt semantics:
+  // mask (B, *spatial) uint8 or bool with 1 to 3 spatial dims, nonzero = foreground; spacing holds one value
+  // per spatial axis, or B rows of them (row-major). Returns (B, *spatial) float32: the distance of every
+  // nonzero voxel to the nearest zero voxel of its batch element (0 at zeros).
+  m.def("edt(Tensor mask, float[] spacing) -> Tensor");
 }

@@ -3,6 +3,7 @@ from fastseg import _extension, functional
 from fastseg._extension import build_info
 from fastseg.functional import DiceCEStats, dice_ce_loss, dice_loss
 from fastseg.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss, downsample_labels
+from fastseg.metrics import distance_transform_edt
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,7 @@ __all__ = [
     "dice_ce_loss",
     "dice_loss",
     "downsample_labels",
+    "distance_transform_edt",
     "functional",
     "build_info",
 ]

@@ -16,7 +16,7 @@ echo "fastseg install: pinning $(cat build/constraints.txt)"
 
 $PIP -c build/constraints.txt "setuptools>=64" wheel pybind11 ninja "numpy>=1.23"
 if [ "${1:-}" = "--test" ]; then
-  $PIP -c build/constraints.txt pytest pytest-benchmark scipy "monai==1.6.1"
+  $PIP -c build/constraints.txt pytest pytest-benchmark scipy "monai==1.6.1" pynrrd
   # nnU-Net's loss modules import without its dependencies; its own would pull a new torch.
   $PIP --no-deps "nnunetv2==2.8.1"
 fi
