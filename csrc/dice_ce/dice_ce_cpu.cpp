@@ -10,12 +10,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "dice_ce.h"
 #include "dice_ce_checks.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 // Hot tile loops are compiled twice, for AVX2 and for the baseline ISA, and picked at load time.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -457,6 +462,26 @@ void dispatch(const at::Tensor& logits, const at::Tensor& target, int64_t activa
   });
 }
 
+// The gradient is as large as the logits and freshly allocated at every step, so first-touch page faults
+// cost about a fifth of the backward at (2, 8, 96^3). On Linux, large gradients are backed by transparent
+// huge pages (512 x fewer faults); elsewhere, or if that allocation fails, a plain empty_like.
+at::Tensor empty_like_for_gradient(const at::Tensor& like) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t bytes = static_cast<size_t>(like.numel()) * like.element_size();
+  if (bytes >= 4 * kHuge) {
+    const size_t size = (bytes + kHuge - 1) / kHuge * kHuge;
+    void* p = nullptr;
+    if (posix_memalign(&p, kHuge, size) == 0) {
+      madvise(p, size, MADV_HUGEPAGE);
+      const at::Tensor layout = at::empty_like(like, like.options().device(at::kMeta));
+      return at::from_blob(p, layout.sizes(), layout.strides(), [](void* q) { std::free(q); }, like.options());
+    }
+  }
+#endif
+  return at::empty_like(like);
+}
+
 struct ForwardFn {
   const at::Tensor& logits;
   const at::Tensor& target;
@@ -498,7 +523,7 @@ at::Tensor dice_ce_stats_backward_cpu(const at::Tensor& grad_stats, const at::Te
   check_inputs("fastseg::dice_ce_stats_backward", logits, target, activation);
   check_grad_stats("fastseg::dice_ce_stats_backward", grad_stats, logits);
   const Problem pb = make_problem(logits, ignore_index, squared_pred);
-  at::Tensor grad = at::empty_like(logits);
+  at::Tensor grad = empty_like_for_gradient(logits);
   if (grad.numel() == 0) return grad;
   const at::Tensor gs = grad_stats.to(stats_dtype(logits)).contiguous();
   dispatch(logits, target, activation, BackwardFn{gs, logits, target, pb, grad});
