@@ -19,6 +19,9 @@ if [ "${1:-}" = "--test" ]; then
   $PIP -c build/constraints.txt pytest pytest-benchmark scipy "monai==1.6.1" pynrrd
   # nnU-Net's loss modules import without its dependencies; its own would pull a new torch.
   $PIP --no-deps "nnunetv2==2.8.1"
+  # DeepMind's surface-distance: reference of the metric tests; it needs only numpy and scipy at runtime
+  # (its declared absl-py is unused), so nothing else is pulled in.
+  $PIP --no-deps "surface-distance==0.1"
 fi
 $PIP -c build/constraints.txt --no-build-isolation --no-deps -e .
 $PY -c "import fastseg; print('fastseg', fastseg.__version__, fastseg.build_info())"

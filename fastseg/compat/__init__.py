@@ -1,6 +1,7 @@
-"""Drop-in replacements for the losses of other frameworks, on fastseg's fused Dice + CE kernel.
+"""Drop-in replacements for the losses and surface metrics of other frameworks, on fastseg's kernels.
 
-* :mod:`fastseg.compat.monai`: MONAI 1.6.1's ``DiceLoss`` and ``DiceCELoss``.
+* :mod:`fastseg.compat.monai`: MONAI 1.6.1's ``DiceLoss`` and ``DiceCELoss``, and its
+  ``compute_hausdorff_distance``, ``compute_average_surface_distance`` and ``compute_surface_dice``.
 * :mod:`fastseg.compat.nnunet`: nnU-Net v2's ``DC_and_CE_loss`` (with ``SoftDiceLoss`` /
   ``MemoryEfficientSoftDiceLoss``) and ``DeepSupervisionWrapper``.
 

@@ -51,7 +51,13 @@ from torch.nn.modules.loss import _Loss
 
 from fastseg import functional as _F
 
-__all__ = ["DiceLoss", "DiceCELoss"]
+__all__ = [
+    "DiceLoss",
+    "DiceCELoss",
+    "compute_hausdorff_distance",
+    "compute_average_surface_distance",
+    "compute_surface_dice",
+]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LOSS_REDUCTIONS = ("none", "mean", "sum")
@@ -579,3 +585,6 @@ class DiceCELoss(_Loss):
             stats = dice_stats if _same_pass(dice_pass, ce_pass) else _run(input, ce_pass, self.dice.squared_pred)
             ce_loss = self._ce_from_stats(input, target, ce_pass, stats)
         return self.lambda_dice * dice_loss + self.lambda_ce * ce_loss
+
+
+from fastseg.compat.monai_metrics import compute_hausdorff_distance, compute_average_surface_distance, compute_surface_dice  # noqa: E402,F401
