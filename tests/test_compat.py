@@ -594,43 +594,38 @@ def test_fallback_configs_do_not_call_kernel(count_fused):
 # ------------------------------------------------------------------------------------- DDP batch Dice
 
 
-def _ddp_worker(rank, world, init_file, results_dir):
-    import torch.distributed as dist
+def _ddp_worker(rank, results_dir):
+    from nnunetv2.training.loss import dice as nn_dice
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        from nnunetv2.training.loss import dice as nn_dice
-        from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-
-        x, y = make_inputs(3, 3, torch.float32, "labels", seed=10 + rank)
-        y[0, 0, 0] = 3
-        out = {}
-        for name in ("MemoryEfficientSoftDiceLoss", "SoftDiceLoss"):
-            kw = {"batch_dice": True, "do_bg": False, "smooth": 1e-5}
-            losses = {
-                "ref": DC_and_CE_loss(dict(kw, ddp=True), {}, ignore_label=3, dice_class=getattr(nn_dice, name)),
-                "ours": cn.DC_and_CE_loss(dict(kw, ddp=True), {}, ignore_label=3, dice_class=name),
-                "local": cn.DC_and_CE_loss(dict(kw, ddp=False), {}, ignore_label=3, dice_class=name),
-            }
-            for tag, fn in losses.items():
-                xx = x.clone().requires_grad_(True)
-                value = fn(xx, y)
-                (grad,) = torch.autograd.grad(value, xx)
-                out[f"{name}/{tag}"] = (value.detach(), grad)
-        torch.save(out, f"{results_dir}/{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    x, y = make_inputs(3, 3, torch.float32, "labels", seed=10 + rank)
+    y[0, 0, 0] = 3
+    out = {}
+    for name in ("MemoryEfficientSoftDiceLoss", "SoftDiceLoss"):
+        kw = {"batch_dice": True, "do_bg": False, "smooth": 1e-5}
+        losses = {
+            "ref": DC_and_CE_loss(dict(kw, ddp=True), {}, ignore_label=3, dice_class=getattr(nn_dice, name)),
+            "ours": cn.DC_and_CE_loss(dict(kw, ddp=True), {}, ignore_label=3, dice_class=name),
+            "local": cn.DC_and_CE_loss(dict(kw, ddp=False), {}, ignore_label=3, dice_class=name),
+        }
+        for tag, fn in losses.items():
+            xx = x.clone().requires_grad_(True)
+            value = fn(xx, y)
+            (grad,) = torch.autograd.grad(value, xx)
+            out[f"{name}/{tag}"] = (value.detach(), grad)
+    torch.save(out, f"{results_dir}/{rank}.pt")
 
 
 def test_nnunet_ddp_batch_dice_matches(nn_loss, tmp_path):
     """Under torch.distributed (2 gloo ranks) the batch Dice sums over ranks with nnU-Net's values and
     per-rank gradients."""
     import torch.distributed as dist
-    import torch.multiprocessing as mp
+
+    from gloo import run_on_ranks
 
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    run_on_ranks(_ddp_worker, 2, tmp_path, str(tmp_path))
     for rank in range(2):
         res = torch.load(tmp_path / f"{rank}.pt")
         for name in ("MemoryEfficientSoftDiceLoss", "SoftDiceLoss"):

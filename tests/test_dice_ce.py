@@ -5,7 +5,7 @@ import torch
 
 import fastseg
 from fastseg import _extension, _reference
-from fastseg.functional import dice_ce_loss, dice_ce_stats, dice_loss
+from fastseg.functional import dice_ce_loss, dice_loss
 
 from oracle import loss as oracle_loss
 

@@ -1,13 +1,12 @@
 """Batch Dice under torch.distributed: 2 CPU processes with the gloo backend."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fastseg.functional import dice_ce_loss
+from gloo import run_on_ranks
 
 WORLD = 2
 OPTS = dict(batch_dice=True, include_background=False, absent_classes="ignore", absent_penalty=0.5)
@@ -22,28 +21,17 @@ def _inputs():
     return x, t
 
 
-def _worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        x, t = _inputs()
-        xs = x[2 * rank:2 * rank + 2].clone().requires_grad_()
-        loss = dice_ce_loss(xs, t[2 * rank:2 * rank + 2], **OPTS)
-        loss.backward()
-        torch.save({"loss": loss.detach(), "grad": xs.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank, out_dir):
+    x, t = _inputs()
+    xs = x[2 * rank:2 * rank + 2].clone().requires_grad_()
+    loss = dice_ce_loss(xs, t[2 * rank:2 * rank + 2], **OPTS)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grad": xs.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_batch_dice_uses_all_ranks_with_correct_gradient(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    run_on_ranks(_worker, WORLD, tmp_path, str(tmp_path))
     x, t = _inputs()
     full = x.clone().requires_grad_()
     ref = dice_ce_loss(full, t, **OPTS)

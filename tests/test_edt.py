@@ -4,7 +4,6 @@ Every comparison is exact: the float32 result must equal scipy's float64 result 
 for element (the kernels evaluate scipy's float64 expression from integer offsets, see csrc/edt/edt.h).
 """
 import itertools
-import os
 from pathlib import Path
 
 import numpy as np

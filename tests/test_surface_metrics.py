@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import warnings
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fastseg.compat import monai_metrics as cmm
 from fastseg.metrics import (
@@ -30,6 +28,7 @@ from fastseg.metrics import (
     surface_metrics,
 )
 from fastseg.metrics.surface import METRIC_KEYS, _quantile
+from gloo import run_on_ranks
 
 if not hasattr(np, "Inf"):  # surface-distance 0.1 uses np.Inf, which NumPy 2 removed
     np.Inf = np.inf
@@ -541,28 +540,17 @@ def test_surface_metric_accumulates_and_aggregates():
     assert metric.per_case()["hd"].numel() == 0
 
 
-def _distributed_worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        p, t, spacing = batch_case(seed=9, B=4)
-        metric = SurfaceMetric(include_background=True, tolerance=[1.0, 2.0])
-        for b in range(2 * rank, 2 * rank + 2):  # rank 0: cases 0, 1; rank 1: cases 2, 3
-            metric.update(p[b:b + 1], t[b:b + 1], spacing=spacing[b])
-        torch.save({"summary": metric.compute(), "per_case": metric.per_case()}, os.path.join(out_dir, f"r{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _distributed_worker(rank, out_dir):
+    p, t, spacing = batch_case(seed=9, B=4)
+    metric = SurfaceMetric(include_background=True, tolerance=[1.0, 2.0])
+    for b in range(2 * rank, 2 * rank + 2):  # rank 0: cases 0, 1; rank 1: cases 2, 3
+        metric.update(p[b:b + 1], t[b:b + 1], spacing=spacing[b])
+    torch.save({"summary": metric.compute(), "per_case": metric.per_case()}, os.path.join(out_dir, f"r{rank}.pt"))
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_surface_metric_synchronises_across_gloo_ranks(tmp_path):
-    mp.start_processes(_distributed_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    run_on_ranks(_distributed_worker, 2, tmp_path, str(tmp_path))
     p, t, spacing = batch_case(seed=9, B=4)
     single = SurfaceMetric(include_background=True, tolerance=[1.0, 2.0])
     single.update(p, t, spacing=spacing)

@@ -67,6 +67,18 @@ FASTSEG_TILE_INLINE T target_at(const Tile<T>& tl, int64_t c, int64_t t) {
   }
 }
 
+// mx[t] = max over classes of the tile's logits.
+template <typename T>
+FASTSEG_TILE_INLINE void class_max(const Tile<T>& tl, T* mx) {
+#pragma omp simd
+  for (int64_t t = 0; t < tl.n; ++t) mx[t] = tl.x[t];
+  for (int64_t c = 1; c < tl.C; ++c) {
+    const T* xc = tl.x + c * tl.ld;
+#pragma omp simd
+    for (int64_t t = 0; t < tl.n; ++t) mx[t] = max_(mx[t], xc[t]);
+  }
+}
+
 // Softmax pieces of a tile: e = exp(x - max), s1 = 1 / sum e, s2 = log-sum-exp.
 template <typename T>
 FASTSEG_TILE_INLINE void softmax_tile(const Tile<T>& tl) {
@@ -74,13 +86,7 @@ FASTSEG_TILE_INLINE void softmax_tile(const Tile<T>& tl) {
   T* mx = tl.s0;
   T* inv = tl.s1;
   T* lse = tl.s2;
-#pragma omp simd
-  for (int64_t t = 0; t < n; ++t) mx[t] = tl.x[t];
-  for (int64_t c = 1; c < tl.C; ++c) {
-    const T* xc = tl.x + c * ld;
-#pragma omp simd
-    for (int64_t t = 0; t < n; ++t) mx[t] = max_(mx[t], xc[t]);
-  }
+  class_max(tl, mx);
 #pragma omp simd
   for (int64_t t = 0; t < n; ++t) inv[t] = T(0);
   for (int64_t c = 0; c < tl.C; ++c) {
@@ -161,13 +167,7 @@ FASTSEG_TILE_INLINE void softmax_backward(const Tile<T>& tl, const T* gs) {
   T* S1 = tl.s2;
   T* S2 = tl.s3;
   T* H = tl.s4;
-#pragma omp simd
-  for (int64_t t = 0; t < n; ++t) mx[t] = tl.x[t];
-  for (int64_t c = 1; c < tl.C; ++c) {
-    const T* xc = tl.x + c * ld;
-#pragma omp simd
-    for (int64_t t = 0; t < n; ++t) mx[t] = max_(mx[t], xc[t]);
-  }
+  class_max(tl, mx);
 #pragma omp simd
   for (int64_t t = 0; t < n; ++t) sum[t] = S1[t] = S2[t] = H[t] = T(0);
   for (int64_t c = 0; c < tl.C; ++c) {
