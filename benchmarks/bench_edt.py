@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent / ".." / "shared" / "data" / "tcia-han-oar" / "validation" / "oncologist"
+DATA = Path(os.environ.get("FASTSEG_DATA", HERE.parent / ".." / "shared" / "data" / "tcia-han-oar")) / "validation" / "oncologist"
 
 
 def load_mask(scan: str, organ: str):

@@ -47,7 +47,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-DATA = HERE.parent / ".." / "shared" / "data" / "tcia-han-oar" / "validation"
+DATA = Path(os.environ.get("FASTSEG_DATA", HERE.parent / ".." / "shared" / "data" / "tcia-han-oar")) / "validation"
 KEYS = ("hd", "hd95", "assd", "asd_pred_to_target", "asd_target_to_pred", "nsd", "dice")
 
 
