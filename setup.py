@@ -31,7 +31,9 @@ def _extension():
     with_cuda = _use_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*/*_cpu.cpp"))
     torch_version = torch.__version__.split("+")[0]
-    cxx = ["-O0" if debug else "-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", f'-DFASTSEG_TORCH_VERSION="{torch_version}"']
+    # -fno-trapping-math lets gcc if-convert (and so vectorise) the kernels' clamps and selects.
+    cxx = ["-O0" if debug else "-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno",
+           f'-DFASTSEG_TORCH_VERSION="{torch_version}"']
     if debug:
         cxx.append("-g")
     extra = {"cxx": cxx}

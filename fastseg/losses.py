@@ -10,6 +10,8 @@ from fastseg import functional as F_
 
 __all__ = ["DiceCELoss", "DiceLoss", "DeepSupervisionLoss", "downsample_labels"]
 
+_CHOICES = {"activation": tuple(F_._ACTIVATIONS), "reduction": F_._REDUCTIONS, "absent_classes": F_._ABSENT}
+
 
 class _FusedLoss(nn.Module):
     """Stores the functional's keyword arguments; the last pass's statistics are kept in ``last_stats``."""
@@ -26,11 +28,9 @@ class _FusedLoss(nn.Module):
         )
         self.options = kwargs
         self.last_stats: Optional[F_.DiceCEStats] = None
-        # Validate options now rather than at the first forward.
-        for key in ("activation", "reduction", "absent_classes"):
+        # Validate the choice options now rather than at the first forward.
+        for key, choices in _CHOICES.items():
             if key in kwargs:
-                choices = {"activation": tuple(F_._ACTIVATIONS), "reduction": F_._REDUCTIONS,
-                           "absent_classes": F_._ABSENT}[key]
                 F_._check_choice(key, kwargs[key], choices)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
