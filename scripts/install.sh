@@ -15,8 +15,11 @@ $PY -c "import torch; print('torch==' + torch.__version__)" > build/constraints.
 echo "fastseg install: pinning $(cat build/constraints.txt)"
 
 $PIP -c build/constraints.txt "setuptools>=64" wheel pybind11 ninja "numpy>=1.23"
+# fastseg's runtime dependencies (pyproject.toml), installed here because the editable install below uses
+# --no-deps: pip must not resolve torch itself.
+$PIP -c build/constraints.txt "scipy>=1.10" "nibabel>=5" "pynrrd>=1.0" "PyYAML>=6" "tqdm>=4.60" "matplotlib>=3.7"
 if [ "${1:-}" = "--test" ]; then
-  $PIP -c build/constraints.txt pytest pytest-benchmark scipy "monai==1.6.1" pynrrd
+  $PIP -c build/constraints.txt pytest pytest-benchmark "monai==1.6.1"
   # nnU-Net's loss modules import without its dependencies; its own would pull a new torch.
   $PIP --no-deps "nnunetv2==2.8.1"
   # DeepMind's surface-distance: reference of the metric tests; it needs only numpy and scipy at runtime

@@ -1,0 +1,5 @@
+import sys
+
+from fastseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,62 @@
+"""The main job (README command one): phantom data -> class adaptive DiceCE training -> sliding-window
+prediction of the held-out cases -> per-organ Dice / HD95 table.
+
+On a CPU it is sized to finish in about ten minutes on 2 cores (coarse 2x2x3 mm phantoms, a small U-Net, a few
+hundred iterations); on CUDA it trains longer and wider by default.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+from fastseg.training.config import TrainConfig
+from fastseg.training.trainer import _resolve_device
+
+CPU_SETTINGS = dict(iterations=400, patch_size=[64, 64, 32], base_features=12, max_features=96, batch_size=2,
+                    val_every=100, checkpoint_every=100, num_workers=1, lr=3e-3)
+CUDA_SETTINGS = dict(iterations=3000, patch_size=[96, 96, 48], base_features=32, max_features=320, batch_size=2,
+                     val_every=500, checkpoint_every=500, num_workers=4, lr=3e-3)
+
+
+def run_demo(output: Union[str, Path] = "runs/demo", *, iterations: Optional[int] = None, device: str = "auto",
+             absent_classes: str = "ignore", seed: int = 0, n_train: int = 10, n_test: int = 4,
+             spacing=(2.0, 2.0, 3.0)) -> str:
+    """Runs the whole workflow into ``output`` and returns (and prints) the per-organ evaluation table.
+
+    Each stage is skipped when its output exists (the dataset, a finished model), so a rerun resumes.
+    """
+    from fastseg.data.phantom import write_phantom_dataset
+    from fastseg.evaluation import evaluate_folders
+    from fastseg.training.predictor import Predictor
+    from fastseg.training.trainer import FINAL, Trainer
+    from fastseg.cli import dataset_images
+
+    out = Path(output)
+    dev = _resolve_device(device)
+    settings = dict(CUDA_SETTINGS if dev.type == "cuda" else CPU_SETTINGS)
+    if iterations is not None:
+        settings["iterations"] = iterations
+    t0 = time.perf_counter()
+
+    description = out / "data" / "dataset.json"
+    if not description.is_file():
+        print(f"[demo] writing {n_train + n_test} phantom cases at {spacing} mm to {description.parent}")
+        write_phantom_dataset(description.parent, n_train=n_train, n_test=n_test, seed=seed, spacing=spacing)
+
+    config = TrainConfig(dataset=str(description), output_dir=str(out / "model"), device=device,
+                         absent_classes=absent_classes, seed=seed, val_cases=2, **settings)
+    print(f"[demo] training on {dev.type}: {settings['iterations']} iterations, patch {settings['patch_size']}, "
+          f"class adaptive Dice={absent_classes == 'ignore'}")
+    Trainer(config).fit()
+
+    print("[demo] predicting the held-out test cases")
+    predictor = Predictor(out / "model" / FINAL, device=device)
+    predictor.predict_files(dataset_images(description, "test"), out / "predictions")
+
+    result = evaluate_folders(out / "predictions", description, out_dir=out / "evaluation", tolerance=2.0,
+                              split="test")
+    table = result.markdown()
+    print(f"\n[demo] test cases, per organ (written to {out / 'evaluation'}), {time.perf_counter() - t0:.0f} s in all:\n")
+    print(table)
+    return table

@@ -1,0 +1,503 @@
+"""The reference trainer: an nnU-Net-style 3D U-Net trained with fastseg's fused DiceCE (class adaptive Dice by
+default) and deep supervision.
+
+Everything a run needs to be resumed exactly lives in its checkpoint: model, optimiser, learning-rate schedule,
+torch RNG states, the iteration and the log history. The data stream needs no saved state: sample ``i`` of the
+run draws all its randomness from ``np.random.default_rng([seed, i])`` (fastseg.data.sampling), so resuming at
+iteration t replays the samples an uninterrupted run would have drawn, whatever the number of workers.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from fastseg import _atomic
+from fastseg.training.checkpoint import load_checkpoint, save_checkpoint
+from fastseg.training.config import TrainConfig
+
+CHECKPOINT = "checkpoint.pt"
+FINAL = "model_final.pt"
+
+
+@dataclass
+class PreparedCase:
+    name: str
+    image: np.ndarray  # (1, *S) float32, normalised
+    label: np.ndarray  # (*S) label map, or (K, *S) uint8 organ stack for sigmoid training
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by :meth:`Trainer.fit` after SIGINT / SIGTERM, once the checkpoint is written."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        super().__init__(f"training stopped by {signal.Signals(signum).name}; resume from {checkpoint}")
+        self.signum = signum
+        self.checkpoint = checkpoint
+
+
+# --------------------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
+# --------------------------------------------------------------------------------------------------------
+def _world() -> tuple:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _init_distributed(device: torch.device) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("TrainConfig: device: expected 'cpu' or 'auto' on a machine without CUDA, got 'cuda'")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------------
+class Trainer:
+    """Trains the reference U-Net on a dataset description; see :class:`TrainConfig` for every setting.
+
+    Example:
+        >>> trainer = Trainer(TrainConfig(dataset="phantom/dataset.json", output_dir="runs/a", iterations=200))
+        >>> result = trainer.fit()          # resumes from runs/a/checkpoint.pt when it exists
+        >>> result["val_dice"]              # per-organ validation Dice of the last validation
+    """
+
+    def __init__(self, config: TrainConfig, *, resume: bool = True, progress: bool = True):
+        self.config = config
+        self.out = Path(config.output_dir)
+        self.resume = resume
+        self.progress = progress
+        self.device = _resolve_device(config.device)
+        _init_distributed(self.device)
+        self.rank, self.world = _world()
+        self.history: List[Dict[str, Any]] = []
+        self.iteration = 0
+        self._stop_signal: Optional[int] = None
+
+    # ---- data ------------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Reads and preprocesses the training and validation cases and fixes the plan (spacing, patch, net)."""
+        from fastseg.data.dataset import DatasetSpec
+        from fastseg.data.preprocess import preprocess_case
+
+        cfg = self.config
+        if not cfg.dataset:
+            raise ValueError("TrainConfig: dataset: expected a dataset description file, got ''")
+        spec = DatasetSpec.load(cfg.dataset)
+        train_names, val_names = self._split(spec)
+        sigmoid = cfg.activation == "sigmoid"
+        raw = [spec.load_case(name, multilabel=sigmoid) for name in train_names + val_names]
+        for case in raw:
+            if case.image is None:
+                raise ValueError(f"Trainer: dataset {cfg.dataset} has no images (no 'image' pattern); "
+                                 "training needs an image per case")
+        spacing = cfg.target_spacing or np.median([c.image.spacing for c in raw[: len(train_names)]], 0).tolist()
+        prepared = []
+        for case in raw:
+            p = preprocess_case(case.image.array, case.image.spacing, case.label.array,
+                                target_spacing=spacing, window=cfg.window)
+            prepared.append(PreparedCase(case.name, p.image, p.label))
+        self.spec = spec
+        self.train_cases = prepared[: len(train_names)]
+        self.val_cases = prepared[len(train_names):]
+        self.plan = self._make_plan(spec, [float(s) for s in spacing])
+
+    def _split(self, spec) -> tuple:
+        cfg = self.config
+        splits = getattr(spec, "splits", None) or {}
+        train = list(spec.cases(cfg.train_split) if cfg.train_split in splits else spec.cases())
+        if cfg.val_split and cfg.val_split in splits:
+            return train, list(spec.cases(cfg.val_split))
+        if cfg.val_cases >= len(train):
+            raise ValueError(f"TrainConfig: val_cases: expected fewer than the {len(train)} training cases, "
+                             f"got {cfg.val_cases}")
+        k = len(train) - cfg.val_cases
+        return train[:k], train[k:]
+
+    def _make_plan(self, spec, spacing: List[float]) -> Dict[str, Any]:
+        cfg = self.config
+        organs = list(spec.organs)
+        patch = cfg.patch_size
+        if patch == "auto":
+            patch = self._auto_patch_size(spacing, len(organs) + 1)
+        if len(patch) != len(spacing):
+            raise ValueError(f"TrainConfig: patch_size: expected {len(spacing)} values (the data is "
+                             f"{len(spacing)}D), got {patch}")
+        from fastseg.models import UNet
+
+        # the planned network downsamples each axis by a fixed factor: round the patch up to a multiple of it
+        # (re-planned until stable, since a larger patch may allow another stage)
+        for _ in range(4):
+            padded = UNet.from_patch_size(1, 2, patch, spacing, base_features=cfg.base_features,
+                                          max_features=cfg.max_features).padded_patch_size(patch)
+            if list(padded) == list(patch):
+                break
+            patch = padded
+        return {
+            "organs": organs,
+            "label_values": {k: int(v) for k, v in spec.label_values.items()},
+            "priority": list(getattr(spec, "priority", None) or []),
+            "target_spacing": spacing,
+            "window": list(cfg.window),
+            "patch_size": [int(p) for p in patch],
+            "in_channels": 1,
+            "num_classes": len(organs) + (0 if cfg.activation == "sigmoid" else 1),
+            "activation": cfg.activation,
+            "base_features": cfg.base_features,
+            "max_features": cfg.max_features,
+            "deep_supervision": cfg.deep_supervision,
+        }
+
+    def _auto_patch_size(self, spacing: List[float], num_classes: int) -> List[int]:
+        from fastseg.imbalance import recommend_patch_size
+
+        labels = [c.label if c.label.ndim == len(spacing) else _stack_to_labels(c.label) for c in self.train_cases]
+        return recommend_patch_size(labels, spacing=spacing, num_classes=num_classes,
+                                    oversample_foreground=self.config.oversample_foreground,
+                                    memory_budget_gb=self.config.memory_budget_gb,
+                                    batch_size=self.config.batch_size, base_features=self.config.base_features,
+                                    max_features=self.config.max_features)
+
+    def _loader(self, start_iteration: int):
+        from fastseg.data.augment import Augmenter
+        from fastseg.data.sampling import PatchDataset, make_loader
+
+        cfg = self.config
+        dataset = PatchDataset(
+            [(c.image, c.label) for c in self.train_cases], self.plan["patch_size"],
+            oversample_foreground=cfg.oversample_foreground, seed=cfg.seed,
+            augment=Augmenter(spacing=self.plan["target_spacing"]) if cfg.augment else None,
+            length=cfg.iterations * cfg.batch_size * self.world,
+        )
+        return make_loader(dataset, cfg.batch_size, start_iteration=start_iteration, num_workers=cfg.num_workers,
+                           rank=self.rank, num_replicas=self.world, pin_memory=self.device.type == "cuda")
+
+    # ---- model, loss, optimiser ------------------------------------------------------------------------
+    def build(self) -> None:
+        from fastseg.losses import DeepSupervisionLoss, DiceCELoss
+
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(self.plan).to(self.device)
+        self.net = self.model
+        if self.world > 1:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        base = DiceCELoss(activation=cfg.activation, include_background=cfg.include_background,
+                          batch_dice=cfg.batch_dice, lambda_dice=cfg.lambda_dice, lambda_ce=cfg.lambda_ce,
+                          absent_classes=cfg.absent_classes, absent_penalty=cfg.absent_penalty)
+        self.loss_fn = DeepSupervisionLoss(base)
+        params = self.model.parameters()
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.99, nesterov=True,
+                                             weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.PolynomialLR(self.optimizer, total_iters=cfg.iterations,
+                                                               power=cfg.poly_exponent)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+    def state(self) -> Dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "config": self.config.to_dict(),
+            "plan": self.plan,
+            "iteration": self.iteration,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+            "history": self.history,
+        }
+
+    def save(self, name: str = CHECKPOINT) -> Path:
+        path = self.out / name
+        if self.rank == 0:
+            save_checkpoint(self.state(), path)
+        return path
+
+    def load(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        if state["plan"] != self.plan:
+            raise ValueError(f"Trainer: checkpoint {path} was trained with another plan "
+                             f"({state['plan']}) than this config gives ({self.plan}); "
+                             "use another output_dir or resume=False")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        self.iteration = int(state["iteration"])
+        self.history = list(state["history"])
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    def fit(self) -> Dict[str, Any]:
+        """Trains to ``config.iterations``; returns the last validation and the paths written."""
+        cfg = self.config
+        if cfg.deterministic:
+            _set_deterministic()
+        if not hasattr(self, "plan"):
+            self.prepare_data()
+        self.build()
+        ckpt = self.out / CHECKPOINT
+        if self.resume and ckpt.is_file():
+            self.load(ckpt)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _atomic.write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        with self._signals():
+            self._run()
+        return self._finish()
+
+    def _run(self) -> None:
+        cfg = self.config
+        if self.iteration >= cfg.iterations:
+            return
+        loader = iter(self._loader(self.iteration))
+        bar = self._progress_bar()
+        self.net.train()
+        voxels = cfg.batch_size * int(np.prod(self.plan["patch_size"])) * self.world
+        while self.iteration < cfg.iterations:
+            t0 = time.perf_counter()
+            image, label = next(loader)
+            loss = self._step(image, label)
+            self.iteration += 1
+            dt = time.perf_counter() - t0
+            self.history.append({"iteration": self.iteration, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                                 "seconds": dt, "voxels_per_s": voxels / dt})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", vox_s=f"{voxels / dt:.3g}")
+            if self._stop_requested():
+                self.save()
+                self._write_logs()
+                raise TrainingInterrupted(self._stop_signal, self.out / CHECKPOINT)
+            done = self.iteration == cfg.iterations
+            if self.val_cases and (done or (cfg.val_every and self.iteration % cfg.val_every == 0)):
+                self.validate()
+                self.net.train()
+            if done or (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0):
+                self.save()
+                self._write_logs()
+        if bar is not None:
+            bar.close()
+
+    def _step(self, image: torch.Tensor, label: torch.Tensor) -> float:
+        cfg = self.config
+        image = image.to(self.device, non_blocking=True)
+        label = label.to(self.device, non_blocking=True)
+        amp = cfg.amp and self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            outputs = self.net(image)
+        loss = self.loss_fn(outputs, label)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(loss.detach())
+
+    def _progress_bar(self):
+        if not self.progress or self.rank != 0:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.config.iterations, initial=self.iteration, desc="train", unit="it",
+                    mininterval=1.0 if sys.stderr.isatty() else 15.0, dynamic_ncols=True)
+
+    # ---- validation ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> Dict[str, float]:
+        """Sliding-window prediction of every validation case (in the preprocessed space); per-organ Dice."""
+        if self.rank != 0:
+            self._barrier()
+            return {}
+        from fastseg.metrics import dice_score
+
+        organs = self.plan["organs"]
+        scores = []
+        self.model.eval()
+        for case in self.val_cases:
+            pred = self.predict_logits(case.image)
+            target = torch.from_numpy(np.ascontiguousarray(case.label))
+            if self.plan["activation"] == "sigmoid":
+                d = dice_score((pred > 0)[None], target[None].bool(), include_background=True)
+            else:
+                d = dice_score(pred.argmax(0)[None], target[None].long(), num_classes=len(organs) + 1)
+            scores.append(d[0].double().numpy())
+        per_organ = np.nanmean(np.stack(scores), 0)
+        result = {name: float(v) for name, v in zip(organs, per_organ)}
+        self.history.append({"iteration": self.iteration, "val_dice": result,
+                             "val_mean_dice": float(np.nanmean(per_organ))})
+        self._barrier()
+        return result
+
+    def predict_logits(self, image: np.ndarray) -> torch.Tensor:
+        """(K, *S) float32 logits of one preprocessed (1, *S) image, on the CPU."""
+        return predict_logits(self.model, image, self.plan, overlap=self.config.sw_overlap, device=self.device,
+                              amp=self.config.amp)
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    # ---- signals and logs ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGINT / SIGTERM request a stop after the current iteration (checkpoint written, then
+        TrainingInterrupted). Only the main thread can install handlers; elsewhere signals stay as they are."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _stop_requested(self) -> bool:
+        stop = self._stop_signal is not None
+        if self.world > 1:  # every rank must stop at the same iteration, or the collectives hang
+            flag = torch.tensor([float(stop)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+            if stop and self._stop_signal is None:
+                self._stop_signal = signal.SIGTERM
+        return stop
+
+    def _write_logs(self) -> None:
+        if self.rank != 0:
+            return
+        train_rows = [h for h in self.history if "loss" in h]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["iteration", "loss", "lr", "seconds", "voxels_per_s"])
+        writer.writeheader()
+        writer.writerows(train_rows)
+        _atomic.write_text(self.out / "log.csv", buf.getvalue())
+        _atomic.write_text(self.out / "log.json", json.dumps(
+            {"config": self.config.to_dict(), "plan": self.plan, "history": self.history}, indent=1))
+        plot_curves(self.history, self.out / "curves.png")
+
+    def _finish(self) -> Dict[str, Any]:
+        self._write_logs()
+        final = self.save(FINAL)
+        vals = [h for h in self.history if "val_dice" in h]
+        return {"checkpoint": final, "iteration": self.iteration,
+                "val_dice": vals[-1]["val_dice"] if vals else None,
+                "history": self.history}
+
+
+# --------------------------------------------------------------------------------------------------------
+def build_model(plan: Dict[str, Any]) -> nn.Module:
+    """The reference U-Net of a plan (a checkpoint's ``plan``)."""
+    from fastseg.models import UNet
+
+    return UNet.from_patch_size(plan["in_channels"], plan["num_classes"], plan["patch_size"],
+                                plan["target_spacing"], base_features=plan["base_features"],
+                                max_features=plan["max_features"], deep_supervision=plan["deep_supervision"])
+
+
+def predict_logits(model: nn.Module, image: np.ndarray, plan: Dict[str, Any], *, overlap: float = 0.5,
+                   mirror_axes: Sequence[int] = (), device: Optional[torch.device] = None,
+                   amp: bool = True, progress: bool = False) -> torch.Tensor:
+    """Sliding-window logits (K, *S) on the CPU of one preprocessed (C, *S) image, Gaussian-weighted."""
+    from fastseg.inference import sliding_window_inference
+
+    device = device or next(model.parameters()).device
+    use_amp = amp and device.type == "cuda"
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            return model(x).float()
+
+    model.eval()
+    inputs = torch.from_numpy(np.ascontiguousarray(image))[None]
+    with torch.no_grad():
+        out = sliding_window_inference(inputs, plan["patch_size"], 2, predictor, overlap=overlap,
+                                       mode="gaussian", mirror_axes=tuple(mirror_axes), sw_device=device,
+                                       device=torch.device("cpu"), progress=progress)
+    return out[0]
+
+
+def _stack_to_labels(stack: np.ndarray) -> np.ndarray:
+    """(K, *S) organ stack -> label map (first organ wins), for statistics that need one label per voxel."""
+    label = np.zeros(stack.shape[1:], np.int16)
+    for k in range(stack.shape[0] - 1, -1, -1):
+        label[stack[k] > 0] = k + 1
+    return label
+
+
+def _set_deterministic() -> None:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+def plot_curves(history: List[Dict[str, Any]], path: Path) -> Optional[Path]:
+    """Training loss (raw and smoothed) and per-organ validation Dice against the iteration, as one PNG."""
+    train = [h for h in history if "loss" in h]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vals = [h for h in history if "val_dice" in h]
+    fig, axes = plt.subplots(1, 2 if vals else 1, figsize=(13 if vals else 6.5, 4.5), squeeze=False)
+    it = np.array([h["iteration"] for h in train])
+    loss = np.array([h["loss"] for h in train])
+    ax = axes[0, 0]
+    ax.plot(it, loss, lw=0.5, alpha=0.4, label="loss")
+    k = max(1, len(loss) // 50)
+    if len(loss) > k:
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(it[k - 1:], smooth, lw=1.5, label=f"mean of {k}")
+    ax.set(xlabel="iteration", ylabel="DiceCE loss", title="training loss")
+    ax.legend()
+    if vals:
+        ax = axes[0, 1]
+        organs = list(vals[0]["val_dice"])
+        vit = [h["iteration"] for h in vals]
+        cmap = plt.get_cmap("tab20", max(len(organs), 1))
+        for j, organ in enumerate(organs):
+            ax.plot(vit, [h["val_dice"][organ] for h in vals], marker="o", ms=3, color=cmap(j), label=organ)
+        ax.set(xlabel="iteration", ylabel="Dice", ylim=(0, 1), title="validation Dice per organ")
+        ax.legend(fontsize=6, ncol=2, loc="lower right")
+    fig.tight_layout()
+    try:
+        return _atomic.save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)

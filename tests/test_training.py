@@ -1,0 +1,220 @@
+"""The reference trainer and predictor: smoke training, exact kill-and-resume, signals, DDP, geometry of the
+written predictions, config errors."""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastseg.data.dataset import write_dataset_description
+from fastseg.data.io import Image, read_image, write_image
+from fastseg.training import Predictor, TrainConfig, Trainer, TrainingInterrupted, load_checkpoint
+from gloo import run_on_ranks
+
+ORGANS = ["Ball", "Cube"]
+SHAPE = (24, 24, 16)
+
+
+def _synthetic_case(seed: int):
+    """A CT-like image with a large ball and a small cube of distinct intensity; a label map."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), -1).astype(np.float32)
+    centre = np.array([12, 12, 8]) + rng.integers(-2, 3, 3)
+    label = np.zeros(SHAPE, np.uint8)
+    label[np.linalg.norm((grid - centre) * [1, 1, 1.5], axis=-1) < 7] = 1
+    c = rng.integers(3, 6, 3)
+    label[c[0]:c[0] + 3, c[1]:c[1] + 3, c[2]:c[2] + 2] = 2
+    image = np.full(SHAPE, -100.0, np.float32)
+    image[label == 1] = 300.0
+    image[label == 2] = 900.0
+    image += rng.normal(0, 20, SHAPE).astype(np.float32)
+    return image, label
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    names = [f"case{i}" for i in range(5)]
+    for i, name in enumerate(names):
+        image, label = _synthetic_case(i)
+        write_image(root / "images" / f"{name}.nii.gz", Image(image, spacing=(2.0, 2.0, 3.0)))
+        write_image(root / "labels" / f"{name}.nii.gz", Image(label, spacing=(2.0, 2.0, 3.0)))
+    write_dataset_description(root / "dataset.json", organs=ORGANS, name="synthetic", image="images/{case}.nii.gz",
+                              label="labels/{case}.nii.gz", splits={"train": names[:4], "test": names[4:]})
+    return root / "dataset.json"
+
+
+def _config(dataset, out, **changes):
+    base = dict(dataset=str(dataset), output_dir=str(out), iterations=6, batch_size=2, patch_size=[16, 16, 8],
+                base_features=4, max_features=16, val_every=0, checkpoint_every=0, num_workers=0,
+                val_cases=1, device="cpu", deterministic=True, lr=1e-2)
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def _fixed_batch_loss(trainer: Trainer, n: int = 8) -> float:
+    """Loss of the current model on the first n training samples (eval mode: no dropout / stats noise)."""
+    from fastseg.data.sampling import PatchDataset
+
+    ds = PatchDataset([(c.image, c.label) for c in trainer.train_cases], trainer.plan["patch_size"], seed=123)
+    image = torch.stack([ds[i][0] for i in range(n)])
+    label = torch.stack([ds[i][1] for i in range(n)])
+    trainer.model.eval()
+    with torch.no_grad():
+        return float(trainer.loss_fn.loss(trainer.model(image), label))
+
+
+def test_training_reduces_loss(dataset, tmp_path):
+    trainer = Trainer(_config(dataset, tmp_path, iterations=30, augment=False, val_every=15), progress=False)
+    trainer.prepare_data()
+    trainer.build()
+    before = _fixed_batch_loss(trainer)
+    trainer = Trainer(_config(dataset, tmp_path, iterations=30, augment=False, val_every=15), progress=False)
+    result = trainer.fit()
+    after = _fixed_batch_loss(trainer)
+    assert after < 0.8 * before, (before, after)
+    # logs, curves and both checkpoints are written; validation ran twice
+    for name in ("log.csv", "log.json", "curves.png", "checkpoint.pt", "model_final.pt", "config.json"):
+        assert (tmp_path / name).is_file(), name
+    assert [h["iteration"] for h in result["history"] if "val_dice" in h] == [15, 30]
+    assert set(result["val_dice"]) == set(ORGANS)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_kill_and_resume_is_exact(dataset, tmp_path):
+    full = Trainer(_config(dataset, tmp_path / "full", num_workers=0), progress=False)
+    full.fit()
+
+    interrupted = Trainer(_config(dataset, tmp_path / "resumed"), progress=False)
+    step = interrupted._step
+
+    def step_then_signal(image, label):
+        loss = step(image, label)
+        if interrupted.iteration == 2:  # the 3rd step is running: its checkpoint will say iteration 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    interrupted._step = step_then_signal
+    with pytest.raises(TrainingInterrupted) as info:
+        interrupted.fit()
+    assert info.value.signum == signal.SIGTERM
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["iteration"] == 3
+
+    # a new process would build a new Trainer: resume it, with loader workers this time
+    Trainer(_config(dataset, tmp_path / "resumed", num_workers=2), progress=False).fit()
+    a, b = _weights(tmp_path / "full" / "model_final.pt"), _weights(tmp_path / "resumed" / "model_final.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    opt_a = load_checkpoint(tmp_path / "full" / "model_final.pt")["optimizer"]["state"]
+    opt_b = load_checkpoint(tmp_path / "resumed" / "model_final.pt")["optimizer"]["state"]
+    for k in opt_a:
+        assert torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"])
+
+
+def test_sigint_from_outside_writes_checkpoint(dataset, tmp_path):
+    """A real SIGINT to `fastseg train`: exit status 130, a readable checkpoint, no temp files."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastseg", "train", "--dataset", str(dataset), "--output-dir", str(out),
+           "--iterations", "100000", "--device", "cpu", "--set", "patch_size=[16,16,8]", "--set", "base_features=4",
+           "--set", "max_features=16", "--set", "num_workers=0", "--set", "val_every=0",
+           "--set", "checkpoint_every=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        # wait until training runs (config.json is written right before the first iteration)
+        for _ in range(600):
+            if (out / "config.json").exists() or proc.poll() is not None:
+                break
+            import time
+
+            time.sleep(0.1)
+        import time
+
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, err
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["iteration"] >= 1
+    assert "resume from" in err
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def _ddp_rank(rank, dataset, out):
+    trainer = Trainer(_config(dataset, out, iterations=3, batch_dice=True, num_workers=0), progress=False)
+    trainer.fit()
+    flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    torch.save(flat, Path(out) / f"params-rank{rank}.pt")
+
+
+def test_ddp_gloo_two_processes(dataset, tmp_path):
+    run_on_ranks(_ddp_rank, 2, tmp_path, str(dataset), str(tmp_path))
+    p0 = torch.load(tmp_path / "params-rank0.pt")
+    p1 = torch.load(tmp_path / "params-rank1.pt")
+    assert torch.equal(p0, p1)  # DDP keeps the replicas identical
+    state = load_checkpoint(tmp_path / "model_final.pt")
+    assert state["iteration"] == 3
+    # and they differ from the initial weights: training happened
+    torch.manual_seed(0)
+    from fastseg.training.trainer import build_model
+
+    init = torch.cat([p.detach().flatten() for p in build_model(state["plan"]).parameters()])
+    assert not torch.equal(init, p0)
+
+
+def test_predictor_keeps_input_geometry(dataset, tmp_path):
+    Trainer(_config(dataset, tmp_path / "m", iterations=2), progress=False).fit()
+    image, _ = _synthetic_case(7)
+    theta = np.deg2rad(20)
+    direction = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
+    src = Image(image, spacing=(2.0, 2.0, 3.0), origin=(-10.0, 5.0, 30.0), direction=direction)
+    write_image(tmp_path / "in" / "x.nrrd", src)
+    predictor = Predictor(tmp_path / "m" / "model_final.pt", device="cpu")
+    (written,) = predictor.predict_files([tmp_path / "in" / "x.nrrd"], tmp_path / "pred", save_probabilities=True,
+                                        progress=False)
+    out = read_image(written)
+    assert written.name == "x.nrrd"
+    assert out.array.shape == image.shape
+    np.testing.assert_allclose(out.spacing, src.spacing)
+    np.testing.assert_allclose(out.origin, src.origin)
+    np.testing.assert_allclose(out.direction, direction, atol=1e-6)
+    assert set(np.unique(out.array)) <= {0, 1, 2}
+    from fastseg.training.predictor import load_probability_file
+
+    probs = load_probability_file(tmp_path / "pred" / "x_probs.npz")["probs"]
+    assert probs.shape == (3,) + image.shape
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=2e-2)  # float16 storage
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="iterations: expected an int >= 1, got 0"):
+        TrainConfig(iterations=0)
+    with pytest.raises(ValueError, match="absent_classes: expected one of 'keep', 'ignore', got 'drop'"):
+        TrainConfig(absent_classes="drop")
+    with pytest.raises(ValueError, match=r"patch_size: expected a list of 2 or 3 positive ints or 'auto'"):
+        TrainConfig(patch_size="big")
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['learning_rate'\]"):
+        TrainConfig.from_dict({"learning_rate": 1.0})
+    bad = tmp_path / "c.yaml"
+    bad.write_text("lr: [1, 2\n")
+    with pytest.raises(ValueError, match="could not parse"):
+        TrainConfig.load(bad)
+    with pytest.raises(ValueError, match="config: expected an existing"):
+        TrainConfig.load(tmp_path / "missing.yaml")
+
+
+def test_mismatched_resume_is_refused(dataset, tmp_path):
+    Trainer(_config(dataset, tmp_path, iterations=1), progress=False).fit()
+    with pytest.raises(ValueError, match="another plan"):
+        Trainer(_config(dataset, tmp_path, iterations=2, patch_size=[8, 8, 8]), progress=False).fit()
