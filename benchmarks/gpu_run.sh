@@ -65,7 +65,7 @@ for stage in "${stages[@]}"; do
   case "$stage" in
     build) run build build ;;
     test)
-      run test_cuda "$PY" -m pytest -q -rs tests/test_dice_ce_cuda.py tests/test_edt.py tests/test_surface_metrics.py -k "cuda or CUDA"
+      run test_cuda "$PY" -m pytest -q -rs tests/test_dice_ce_cuda.py tests/test_edt.py tests/test_surface_metrics.py tests/test_confidence.py -k "cuda or CUDA"
       run test_all "$PY" -m pytest -q tests
       ;;
     bench) run bench bench ;;

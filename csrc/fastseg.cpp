@@ -38,4 +38,11 @@ TORCH_LIBRARY(fastseg, m) {
   // per spatial axis, or B rows of them (row-major). Returns (B, *spatial) float32: the distance of every
   // nonzero voxel to the nearest zero voxel of its batch element (0 at zeros).
   m.def("edt(Tensor mask, float[] spacing) -> Tensor");
+  // Calibration statistics of softmax probabilities (csrc/confidence/confidence.h), one pass over the voxels:
+  // probs (B, C, *spatial) float16/bfloat16/float32/float64, any strides; target (B, *spatial) integer labels;
+  // voxels labelled ignore_index count nowhere. Returns three float64 tensors: class-wise reliability bins
+  // (C, num_bins, 3) [count, sum p_c, sum 1[target == c]], top-label bins (num_bins, 3) [count, sum max p,
+  // sum 1[argmax == target]] and per-class confusion sums (C, 6) [TP, sum p_c on TP, FP, sum p_c on FP, FN,
+  // sum p_c on FN]. Non-differentiable (fastseg/ops/confidence.py marks the outputs so).
+  m.def("calibration_stats(Tensor probs, Tensor target, int num_bins, int? ignore_index) -> Tensor[]");
 }

@@ -1,5 +1,6 @@
 """fastseg: fused C++/CUDA losses and metrics for 3D medical segmentation under severe class imbalance."""
 from fastseg import _extension, functional
+from fastseg import confidence
 from fastseg._extension import build_info
 from fastseg.functional import DiceCEStats, dice_ce_loss, dice_loss
 from fastseg.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss, downsample_labels
@@ -17,5 +18,6 @@ __all__ = [
     "downsample_labels",
     "distance_transform_edt",
     "functional",
+    "confidence",
     "build_info",
 ]

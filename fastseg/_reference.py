@@ -179,3 +179,65 @@ def _edt_argmin(F: torch.Tensor, w: float, chunk: int = 1 << 20) -> torch.Tensor
             a, b = torch.cat([a[left], qs[right]]), torch.cat([qs[left], b[right]])
             pl, pr = torch.cat([pl[left], p[right] + 1]), torch.cat([p[left] - 1, pr[right]])
     return out
+
+
+def check_calibration_labels(labels: torch.Tensor, num_classes: int, ignore_index: Optional[int]) -> None:
+    """Raise if a label is neither a class in [0, num_classes) nor ignore_index (one host sync)."""
+    if labels.numel() == 0:
+        return
+    labels = labels.long()
+    valid = (labels >= 0) & (labels < num_classes)
+    if ignore_index is not None:
+        valid |= labels == ignore_index
+    if not bool(valid.all()):
+        bad = labels[~valid][0].item()
+        also = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
+        raise ValueError(
+            f"fastseg.calibration_stats: target must hold class labels in [0, {num_classes}){also}, got label {bad}"
+        )
+
+
+def calibration_stats(
+    probs: torch.Tensor, target: torch.Tensor, num_bins: int, ignore_index: Optional[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The contract of fastseg::calibration_stats (csrc/confidence/confidence.h) with float64 tensor ops.
+
+    probs (B, C, *spatial), target (B, *spatial) integer labels. Returns float64 class-wise bins
+    (C, num_bins, 3), top-label bins (num_bins, 3) and confusion sums (C, 6). Materialises the probabilities
+    as (B * N, C) float64, and one class's bin updates at a time.
+    """
+    B, C = probs.shape[:2]
+    dev = probs.device
+    # (M, C) float64, clamped to [0, 1] with NaN read as 0 (nan_to_num sends +-inf to +-max first).
+    p = torch.nan_to_num(probs.reshape(B, C, -1).transpose(1, 2).reshape(-1, C).to(torch.float64), nan=0.0)
+    p = p.clamp(0.0, 1.0)
+    labels = target.reshape(-1).long()
+    if not torch.compiler.is_compiling():
+        check_calibration_labels(labels, C, ignore_index)
+    valid = (labels >= 0) & (labels < C)
+    if ignore_index is not None:
+        valid = valid & (labels != ignore_index)
+    w = valid.to(torch.float64)
+    y = torch.where(valid, labels, 0)
+
+    def bin_of(v: torch.Tensor) -> torch.Tensor:
+        return (v * num_bins).floor().long().clamp(0, num_bins - 1)
+
+    classwise = torch.zeros((C, num_bins, 3), dtype=torch.float64, device=dev)
+    for c in range(C):
+        pc = p[:, c]
+        hit = ((labels == c) & valid).to(torch.float64)
+        classwise[c].index_add_(0, bin_of(pc), torch.stack([w, pc * w, hit], dim=1))
+
+    conf, pred = p.max(dim=1)  # the first maximum on ties, as the kernels
+    agree = ((pred == y) & valid).to(torch.float64)
+    top = torch.zeros((num_bins, 3), dtype=torch.float64, device=dev)
+    top.index_add_(0, bin_of(conf), torch.stack([w, conf * w, agree], dim=1))
+
+    miss = w - agree
+    p_true = p.gather(1, y.unsqueeze(1)).squeeze(1)
+    zero = torch.zeros_like(w)
+    confusion = torch.zeros((C, 6), dtype=torch.float64, device=dev)
+    confusion.index_add_(0, pred, torch.stack([agree, conf * agree, miss, conf * miss, zero, zero], dim=1))
+    confusion.index_add_(0, y, torch.stack([zero, zero, zero, zero, miss, p_true * miss], dim=1))
+    return classwise, top, confusion
