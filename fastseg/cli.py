@@ -1,4 +1,4 @@
-"""The ``fastseg`` command: phantom, train, predict, evaluate, demo (the main job), imbalance, confidence.
+"""The ``fastseg`` command: phantom, train, predict, evaluate, confidence, demo (the main job).
 
 Every subcommand reports bad input as one line ``fastseg <command>: error: <message>`` and exit status 2, with
 no traceback and no partial output file (every writer is atomic).
@@ -179,6 +179,27 @@ def _run_evaluate(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------
+def _add_confidence(sub) -> None:
+    p = sub.add_parser("confidence", help="per-class calibration (ECE, reliability, TP/FP/FN confidence) of "
+                                          "saved probabilities against the ground truth")
+    p.add_argument("pred_dir", type=Path, help="folder of <case>_probs.npz (fastseg predict --save-probabilities)")
+    p.add_argument("gt", type=Path, help="folder of ground-truth label maps, or a dataset description")
+    p.add_argument("-o", "--output", type=Path, help="folder for confidence.{md,json,png}")
+    p.add_argument("--split", help="split of a dataset description (default: every case)")
+    p.add_argument("--num-bins", type=int, default=15)
+    p.set_defaults(run=_run_confidence)
+
+
+def _run_confidence(args) -> int:
+    from fastseg.evaluation import confidence_folders
+
+    analysis, summary = confidence_folders(args.pred_dir, args.gt, out_dir=args.output, num_bins=args.num_bins,
+                                           split=args.split)
+    print(analysis.table(summary))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job: phantom data -> train -> predict -> evaluate, prints the table")
     p.add_argument("--output", type=Path, default=Path("runs/demo"))
@@ -201,7 +222,7 @@ def _run_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_phantom, _add_train, _add_predict, _add_evaluate, _add_demo):
+    for add in (_add_phantom, _add_train, _add_predict, _add_evaluate, _add_confidence, _add_demo):
         add(sub)
     return parser
 

@@ -172,7 +172,9 @@ def _csv(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _json_safe(value):
-    """Strict JSON: inf and nan become null."""
+    """Strict JSON: inf and nan become null; tensors and arrays become lists."""
+    if hasattr(value, "tolist"):
+        return _json_safe(value.tolist())
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
@@ -459,3 +461,75 @@ def evaluate_folders(
     if out_dir is not None:
         result.write(out_dir)
     return result
+
+
+# ------------------------------------------------------------------------------------------- confidence
+PROBS_SUFFIX = "_probs.npz"
+
+
+def confidence_folders(
+    pred_dir: PathLike,
+    gt_dir: PathLike,
+    *,
+    out_dir: Optional[PathLike] = None,
+    num_bins: int = 15,
+    split: Optional[str] = None,
+    size_thresholds: Sequence[float] = (1e3, 1e5),
+):
+    """Per-class confidence analysis (:class:`fastseg.confidence.ConfidenceAnalysis`) of the probabilities
+    ``fastseg predict --save-probabilities`` wrote (``<case>_probs.npz``) against the ground truth.
+
+    Args:
+        pred_dir: folder of ``<case>_probs.npz`` files (their organ names fix the channel order).
+        gt_dir: folder of ground-truth label maps (with a ``dataset.json`` / ``.yaml`` naming the organs) or a
+            dataset description, as for :func:`evaluate_folders`.
+        out_dir: if given, ``confidence.md``, ``confidence.json`` and ``confidence.png`` are written there.
+        num_bins, size_thresholds: see ConfidenceAnalysis (organ size in ground-truth voxels).
+        split: with a description file, the split to analyse (default: every case).
+
+    Returns:
+        ``(analysis, summary)``: the ConfidenceAnalysis and its ``compute()`` result.
+    """
+    import torch
+
+    from fastseg.confidence import ConfidenceAnalysis
+    from fastseg.training.predictor import load_probability_file
+
+    fn = "confidence_folders"
+    pred_dir = _existing_dir("pred_dir", pred_dir)
+    gt_path = Path(gt_dir)
+    if not gt_path.exists():
+        raise FileNotFoundError(f"{fn}: gt_dir: no such folder or dataset description: {str(gt_path)!r}")
+    files = {p.name[: -len(PROBS_SUFFIX)]: p for p in sorted(pred_dir.iterdir()) if p.name.endswith(PROBS_SUFFIX)}
+    if not files:
+        raise ValueError(f"{fn}: pred_dir: no <case>{PROBS_SUFFIX} in {str(pred_dir)!r} "
+                         "(write them with `fastseg predict --save-probabilities`)")
+    first = load_probability_file(next(iter(files.values())))
+    truth, selected = _ground_truth(gt_path, list(first["organs"]), split)
+    missing = [c for c in truth.cases if c not in files]
+    if missing:
+        raise ValueError(f"{fn}: pred_dir: no probabilities for {len(missing)} ground-truth case(s): {missing[:20]}")
+    lut = _lookup(truth.known, selected)
+    analysis = ConfidenceAnalysis(len(selected) + 1, num_bins=num_bins, class_names=["background", *selected],
+                                  size_thresholds=tuple(size_thresholds), sync=False)
+    for case in truth.cases:
+        probs = load_probability_file(files[case])
+        if probs["organs"] != list(selected):
+            raise ValueError(f"{fn}: {str(files[case])!r}: organs {probs['organs']} differ from the first file's "
+                             f"{list(selected)}")
+        gt_img = truth.read(case)
+        if tuple(probs["probs"].shape[1:]) != tuple(gt_img.array.shape):
+            raise ValueError(f"{fn}: case {case!r}: probabilities of shape {probs['probs'].shape[1:]} vs ground "
+                             f"truth {truth.source(case)} of shape {gt_img.array.shape}")
+        gt = _remap(gt_img.array, lut, f"ground truth {truth.source(case)}", truth.known)
+        analysis.update(torch.from_numpy(probs["probs"])[None], torch.from_numpy(np.ascontiguousarray(gt))[None])
+    summary = analysis.compute()
+    if out_dir is not None:
+        out = Path(out_dir)
+        with atomic_output(out / "confidence.md") as tmp:
+            tmp.write_text(analysis.table(summary))
+        with atomic_output(out / "confidence.json") as tmp:
+            tmp.write_text(json.dumps(_json_safe(summary), indent=1))
+        analysis.plot(out / "confidence.png", summary)
+    return analysis, summary
+

@@ -218,3 +218,29 @@ def test_mismatched_resume_is_refused(dataset, tmp_path):
     Trainer(_config(dataset, tmp_path, iterations=1), progress=False).fit()
     with pytest.raises(ValueError, match="another plan"):
         Trainer(_config(dataset, tmp_path, iterations=2, patch_size=[8, 8, 8]), progress=False).fit()
+
+
+def test_confidence_command_on_predicted_probabilities(dataset, tmp_path, capsys):
+    """predict --save-probabilities then `fastseg confidence`: its counts equal the op on the same arrays."""
+    from fastseg.cli import main
+    from fastseg.confidence import calibration_stats
+    from fastseg.training.predictor import load_probability_file
+
+    Trainer(_config(dataset, tmp_path / "m", iterations=2), progress=False).fit()
+    assert main(["predict", str(tmp_path / "m" / "model_final.pt"), str(dataset), "--split", "test", "-o",
+                 str(tmp_path / "pred"), "--save-probabilities"]) == 0
+    assert main(["confidence", str(tmp_path / "pred"), str(dataset), "--split", "test", "-o",
+                 str(tmp_path / "conf"), "--num-bins", "10"]) == 0
+    assert "ECE" in capsys.readouterr().out
+    for name in ("confidence.md", "confidence.json", "confidence.png"):
+        assert (tmp_path / "conf" / name).is_file()
+    probs = torch.from_numpy(load_probability_file(tmp_path / "pred" / "case4_probs.npz")["probs"])
+    gt = torch.from_numpy(read_image(dataset.parent / "labels" / "case4.nii.gz").array.astype(np.int64))
+    stats = calibration_stats(probs[None], gt[None], num_bins=10)
+    import json
+
+    from fastseg.confidence import expected_calibration_error
+
+    saved = json.loads((tmp_path / "conf" / "confidence.json").read_text())
+    assert saved["cases"] == 1 and saved["tp"] == stats.confusion[:, 0].tolist()
+    assert saved["top_label_ece"] == pytest.approx(float(expected_calibration_error(stats.top_label)), abs=1e-12)
