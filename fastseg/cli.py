@@ -1,4 +1,4 @@
-"""The ``fastseg`` command: phantom, train, predict, evaluate, confidence, demo (the main job).
+"""The ``fastseg`` command: phantom, train, predict, evaluate, imbalance, confidence, demo (the main job).
 
 Every subcommand reports bad input as one line ``fastseg <command>: error: <message>`` and exit status 2, with
 no traceback and no partial output file (every writer is atomic).
@@ -179,6 +179,55 @@ def _run_evaluate(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------
+def _add_imbalance(sub) -> None:
+    p = sub.add_parser("imbalance", help="exact per-class presence / voxel fraction and imbalance score of "
+                                         "candidate patch sizes; recommends one under a memory budget")
+    p.add_argument("dataset", type=Path, help="dataset description")
+    p.add_argument("--patch-sizes", type=_ints, nargs="+", help="candidates, e.g. 64,64,32 96,96,48 "
+                   "(default: 1/2 to 1 of the median case shape)")
+    p.add_argument("--oversample", type=float, nargs="+", default=[0.0, 1.0 / 3.0],
+                   help="foreground-oversampling ratios (default 0 and 1/3)")
+    p.add_argument("--memory-budget", type=float, help="GiB for one training step of the reference U-Net")
+    p.add_argument("--spacing", type=_floats, help="resample the label maps to this spacing (mm) first")
+    p.add_argument("--split", help="cases of this split (default: every case)")
+    p.add_argument("--workers", type=int, default=0, help="processes analysing cases in parallel")
+    p.add_argument("-o", "--output", type=Path, help="folder for imbalance.{md,json,png}")
+    p.set_defaults(run=_run_imbalance)
+
+
+def _run_imbalance(args) -> int:
+    import numpy as np
+
+    from fastseg._atomic import write_text
+    from fastseg.data.dataset import DatasetSpec
+    from fastseg.data.preprocess import resample
+    from fastseg.imbalance import analyze_imbalance, candidate_patch_sizes
+
+    spec = DatasetSpec.load(args.dataset)
+    labels, spacings = [], []
+    for case in spec.cases(args.split):
+        label = spec.load_label(case)
+        array = np.ascontiguousarray(label.array)
+        if args.spacing:
+            array = resample(array, label.spacing, args.spacing, is_label=True)
+        labels.append(array)
+        spacings.append(args.spacing or label.spacing)
+    sizes = args.patch_sizes or candidate_patch_sizes([a.shape for a in labels])
+    report = analyze_imbalance(labels, sizes, oversample_foreground=args.oversample, num_classes=spec.num_classes,
+                               class_names=["background", *spec.organs], spacing=np.median(spacings, 0).tolist(),
+                               num_workers=args.workers)
+    print(report.table())
+    best = report.best(args.memory_budget)
+    print(f"\nrecommended patch size: {list(best.patch_size)} (oversampling {best.oversample_foreground:.3g}, "
+          f"score {best.score:.3f}" + (f", ~{best.memory_bytes / 2**30:.2f} GiB" if best.memory_bytes else "") + ")")
+    if args.output:
+        write_text(args.output / "imbalance.md", report.table())
+        report.to_json(args.output / "imbalance.json")
+        report.plot(args.output / "imbalance.png")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
 def _add_confidence(sub) -> None:
     p = sub.add_parser("confidence", help="per-class calibration (ECE, reliability, TP/FP/FN confidence) of "
                                           "saved probabilities against the ground truth")
@@ -222,7 +271,8 @@ def _run_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_phantom, _add_train, _add_predict, _add_evaluate, _add_confidence, _add_demo):
+    for add in (_add_phantom, _add_train, _add_predict, _add_evaluate, _add_imbalance, _add_confidence,
+                _add_demo):
         add(sub)
     return parser
 

@@ -244,3 +244,30 @@ def test_confidence_command_on_predicted_probabilities(dataset, tmp_path, capsys
     saved = json.loads((tmp_path / "conf" / "confidence.json").read_text())
     assert saved["cases"] == 1 and saved["tp"] == stats.confusion[:, 0].tolist()
     assert saved["top_label_ece"] == pytest.approx(float(expected_calibration_error(stats.top_label)), abs=1e-12)
+
+
+def test_patch_size_auto_uses_the_imbalance_recommendation(dataset, tmp_path):
+    from fastseg.imbalance import candidate_patch_sizes, recommend_patch_size
+
+    trainer = Trainer(_config(dataset, tmp_path, patch_size="auto", memory_budget_gb=4.0), progress=False)
+    trainer.prepare_data()
+    labels = [c.label for c in trainer.train_cases]
+    expected = recommend_patch_size(labels, spacing=trainer.plan["target_spacing"], num_classes=3,
+                                    oversample_foreground=1 / 3, memory_budget_gb=4.0, base_features=4,
+                                    max_features=16)
+    assert tuple(expected) in candidate_patch_sizes([lab.shape for lab in labels])
+    # the plan holds it, rounded up to the network's divisor
+    assert all(p >= e for p, e in zip(trainer.plan["patch_size"], expected))
+
+
+def test_imbalance_command(dataset, tmp_path, capsys):
+    from fastseg.cli import main
+
+    assert main(["imbalance", str(dataset), "--patch-sizes", "16,16,8", "24,24,16", "--oversample", "0", "0.5",
+                 "-o", str(tmp_path / "imb")]) == 0
+    out = capsys.readouterr().out
+    assert "recommended patch size" in out and "Cube" in out
+    for name in ("imbalance.md", "imbalance.json", "imbalance.png"):
+        assert (tmp_path / "imb" / name).is_file()
+    assert main(["imbalance", str(dataset), "--patch-sizes", "0,16,8"]) == 2
+    assert "patch" in capsys.readouterr().err

@@ -291,7 +291,7 @@ class Trainer:
                                  "seconds": dt, "voxels_per_s": voxels / dt})
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", vox_s=f"{voxels / dt:.3g}")
+                bar.set_postfix(loss=f"{loss:.4f}", vox_s=f"{voxels / dt:.3g}", refresh=False)
             if self._stop_requested():
                 self.save()
                 self._write_logs()
