@@ -13,10 +13,12 @@ import torch.nn.functional as F
 SOFTMAX, SIGMOID = 0, 1
 
 
-def check_labels(labels: torch.Tensor, num_classes: int, ignore_index: Optional[int]) -> None:
+def check_labels(labels: torch.Tensor, num_classes: int, ignore_index: Optional[int],
+                 op: str = "fastseg.dice_ce") -> None:
     """Raise if a label is neither a class in [0, num_classes) nor ignore_index (one host sync)."""
     if labels.numel() == 0:
         return
+    labels = labels.long()
     valid = (labels >= 0) & (labels < num_classes)
     if ignore_index is not None:
         valid |= labels == ignore_index
@@ -24,7 +26,7 @@ def check_labels(labels: torch.Tensor, num_classes: int, ignore_index: Optional[
         bad = labels[~valid][0].item()
         also = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
         raise ValueError(
-            f"fastseg.dice_ce: target must hold class labels in [0, {num_classes}){also}, got label {bad}"
+            f"{op}: target must hold class labels in [0, {num_classes}){also}, got label {bad}"
         )
 
 
@@ -181,22 +183,6 @@ def _edt_argmin(F: torch.Tensor, w: float, chunk: int = 1 << 20) -> torch.Tensor
     return out
 
 
-def check_calibration_labels(labels: torch.Tensor, num_classes: int, ignore_index: Optional[int]) -> None:
-    """Raise if a label is neither a class in [0, num_classes) nor ignore_index (one host sync)."""
-    if labels.numel() == 0:
-        return
-    labels = labels.long()
-    valid = (labels >= 0) & (labels < num_classes)
-    if ignore_index is not None:
-        valid |= labels == ignore_index
-    if not bool(valid.all()):
-        bad = labels[~valid][0].item()
-        also = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
-        raise ValueError(
-            f"fastseg.calibration_stats: target must hold class labels in [0, {num_classes}){also}, got label {bad}"
-        )
-
-
 def calibration_stats(
     probs: torch.Tensor, target: torch.Tensor, num_bins: int, ignore_index: Optional[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -213,7 +199,7 @@ def calibration_stats(
     p = p.clamp(0.0, 1.0)
     labels = target.reshape(-1).long()
     if not torch.compiler.is_compiling():
-        check_calibration_labels(labels, C, ignore_index)
+        check_labels(labels, C, ignore_index, "fastseg.calibration_stats")
     valid = (labels >= 0) & (labels < C)
     if ignore_index is not None:
         valid = valid & (labels != ignore_index)

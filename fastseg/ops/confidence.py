@@ -36,7 +36,7 @@ def calibration_stats(
     if _use_op(probs):
         if probs.is_cuda and not torch.compiler.is_compiling():
             # The CUDA kernel cannot raise; a sync here keeps bad labels from being silently ignored.
-            _reference.check_calibration_labels(target, probs.shape[1], ignore_index)
+            _reference.check_labels(target, probs.shape[1], ignore_index, "fastseg.calibration_stats")
         cls, top, conf = torch.ops.fastseg.calibration_stats(probs, target, num_bins, ignore_index)
         return cls, top, conf
     return _reference.calibration_stats(probs, target, num_bins, ignore_index)
