@@ -23,7 +23,6 @@ from fastseg.confidence import (
     expected_calibration_error,
     maximum_calibration_error,
 )
-from fastseg.ops import confidence as conf_ops
 from gloo import run_on_ranks
 
 needs_ext = pytest.mark.skipif(not _extension.available(), reason="compiled extension not loaded")
