@@ -8,6 +8,7 @@
 #include <optional>
 #include <vector>
 
+#include "../common/aten_dtype.h"
 #include "confidence.h"
 #include "confidence_checks.h"
 #include "confidence_cuda.h"
@@ -17,29 +18,9 @@ namespace confidence {
 namespace {
 
 cuda::DType dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::DType::kFloat;
-    case at::kDouble:
-      return cuda::DType::kDouble;
-    case at::kHalf:
-      return cuda::DType::kHalf;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    case at::kByte:
-      return cuda::DType::kUInt8;
-    case at::kChar:
-      return cuda::DType::kInt8;
-    case at::kShort:
-      return cuda::DType::kInt16;
-    case at::kInt:
-      return cuda::DType::kInt32;
-    case at::kLong:
-      return cuda::DType::kInt64;
-    default:
-      TORCH_CHECK_TYPE(false, kOp, ": unsupported dtype ", t, " on CUDA");
-  }
-  return cuda::DType::kFloat;  // unreachable
+  const auto tag = dtype_tag(t);
+  TORCH_CHECK_TYPE(tag.has_value(), kOp, ": unsupported dtype ", t, " on CUDA");
+  return *tag;
 }
 
 std::vector<at::Tensor> calibration_stats_cuda(const at::Tensor& probs_in, const at::Tensor& target_in,

@@ -25,6 +25,7 @@
 
 #include "confidence.h"
 #include "confidence_cuda.h"
+#include "../common/cuda_device.cuh"
 
 namespace fastseg {
 namespace confidence {
@@ -39,43 +40,10 @@ constexpr size_t kSmemBudget = 48 * 1024;  // no opt-in needed on any architectu
 constexpr int64_t kChunk = int64_t{1} << 31;
 constexpr double kFixedScale = 4294967296.0;  // 2^32
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-// Explicit conversions: torch builds CUDA code with __CUDA_NO_HALF_CONVERSIONS__ and friends.
-template <typename A, typename T>
-__device__ __forceinline__ A load_as(const T* p) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return static_cast<A>(__half2float(*p));
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return static_cast<A>(__bfloat162float(*p));
-  } else {
-    return static_cast<A>(*p);
-  }
-}
-
-// The label dtype is a runtime tag (a warp-uniform branch) rather than a template parameter, which would
-// multiply the number of kernels by five.
-__device__ __forceinline__ int64_t load_label(const void* base, int64_t off, DType t) {
-  switch (t) {
-    case DType::kUInt8:
-      return static_cast<const uint8_t*>(base)[off];
-    case DType::kInt8:
-      return static_cast<const int8_t*>(base)[off];
-    case DType::kInt16:
-      return static_cast<const int16_t*>(base)[off];
-    case DType::kInt32:
-      return static_cast<const int32_t*>(base)[off];
-    default:
-      return static_cast<const int64_t*>(base)[off];
-  }
-}
+using cuda_device::ceil_div;
+using cuda_device::load_as;
+using cuda_device::load_label;
+using cuda_device::TypeTag;
 
 // p in [0, 1] -> round(p * 2^32), exact scaling then one rounding.
 __device__ __forceinline__ u64 to_fixed(double p) {

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../common/dtype.h"
 #include "confidence.h"
 
 namespace fastseg {
@@ -16,7 +17,7 @@ namespace cuda {
 
 // Probabilities: kFloat, kDouble, kHalf (layout of __half / at::Half), kBFloat16 (__nv_bfloat16 /
 // at::BFloat16). Labels: kUInt8, kInt8, kInt16, kInt32, kInt64.
-enum class DType : int { kFloat, kDouble, kHalf, kBFloat16, kUInt8, kInt8, kInt16, kInt32, kInt64 };
+using ::fastseg::DType;
 
 struct Args {
   Problem pb;

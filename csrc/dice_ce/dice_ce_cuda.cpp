@@ -7,6 +7,7 @@
 
 #include <optional>
 
+#include "../common/aten_dtype.h"
 #include "dice_ce.h"
 #include "dice_ce_checks.h"
 #include "dice_ce_cuda.h"
@@ -16,30 +17,10 @@ namespace dice_ce {
 namespace {
 
 cuda::DType dtype_of(const char* op, const char* what, at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::DType::kFloat;
-    case at::kDouble:
-      return cuda::DType::kDouble;
-    case at::kHalf:
-      return cuda::DType::kHalf;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    case at::kByte:
-      return cuda::DType::kUInt8;
-    case at::kChar:
-      return cuda::DType::kInt8;
-    case at::kShort:
-      return cuda::DType::kInt16;
-    case at::kInt:
-      return cuda::DType::kInt32;
-    case at::kLong:
-      return cuda::DType::kInt64;
-    default:
-      TORCH_CHECK_VALUE(false, op, ": unsupported ", what, " dtype ", t,
-                        " on CUDA (labels: uint8, int8, int16, int32 or int64)");
-  }
-  return cuda::DType::kFloat;  // unreachable
+  const auto tag = dtype_tag(t);
+  TORCH_CHECK_VALUE(tag.has_value(), op, ": unsupported ", what, " dtype ", t,
+                    " on CUDA (labels: uint8, int8, int16, int32 or int64)");
+  return *tag;
 }
 
 cuda::Operand operand(const char* op, const char* what, const at::Tensor& t) {

@@ -35,6 +35,7 @@
 
 #include "dice_ce.h"
 #include "dice_ce_cuda.h"
+#include "../common/cuda_device.cuh"
 
 namespace fastseg {
 namespace dice_ce {
@@ -50,10 +51,10 @@ constexpr size_t kWorkspaceAlign = 256;
 
 enum TargetKind : int { kLabelTarget = 0, kByteMask = 1, kAccMask = 2 };
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
+using cuda_device::ceil_div;
+using cuda_device::load_as;
+using cuda_device::load_label;
+using cuda_device::TypeTag;
 
 template <typename T>
 __host__ __device__ __forceinline__ T min_(T a, T b) {
@@ -65,22 +66,6 @@ __host__ __device__ __forceinline__ T clamp_(T v, T lo, T hi) {
   return v < lo ? lo : (v > hi ? hi : v);
 }
 
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-// Explicit conversions: torch builds CUDA code with __CUDA_NO_HALF_CONVERSIONS__ and friends.
-template <typename A, typename T>
-__device__ __forceinline__ A load_as(const T* p) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return static_cast<A>(__half2float(*p));
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return static_cast<A>(__bfloat162float(*p));
-  } else {
-    return static_cast<A>(*p);
-  }
-}
-
 template <typename T, typename A>
 __device__ __forceinline__ void store_as(T* p, A v) {
   if constexpr (std::is_same_v<T, __half>) {
@@ -89,23 +74,6 @@ __device__ __forceinline__ void store_as(T* p, A v) {
     *p = __float2bfloat16_rn(static_cast<float>(v));
   } else {
     *p = static_cast<T>(v);
-  }
-}
-
-// The label dtype is a runtime tag (a warp-uniform branch per voxel) rather than a template parameter:
-// five label types would otherwise multiply the number of kernels by five.
-__device__ __forceinline__ int64_t load_label(const void* base, int64_t off, DType t) {
-  switch (t) {
-    case DType::kUInt8:
-      return static_cast<const uint8_t*>(base)[off];
-    case DType::kInt8:
-      return static_cast<const int8_t*>(base)[off];
-    case DType::kInt16:
-      return static_cast<const int16_t*>(base)[off];
-    case DType::kInt32:
-      return static_cast<const int32_t*>(base)[off];
-    default:
-      return static_cast<const int64_t*>(base)[off];
   }
 }
 

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../common/dtype.h"
 #include "dice_ce.h"
 
 namespace fastseg {
@@ -18,7 +19,7 @@ namespace cuda {
 // (__nv_bfloat16 / at::BFloat16). Label targets: kUInt8, kInt8, kInt16, kInt32, kInt64. Mask targets:
 // kUInt8, or the accumulation type (kFloat; kDouble for double logits). Sums and grad_stats are in the
 // accumulation type.
-enum class DType : int { kFloat, kDouble, kHalf, kBFloat16, kUInt8, kInt8, kInt16, kInt32, kInt64 };
+using ::fastseg::DType;
 
 // A (B, C, N) tensor, or (B, N) labels with strides.c unused.
 struct Operand {
