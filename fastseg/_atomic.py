@@ -64,5 +64,5 @@ def save_figure(fig, path: PathLike, **kwargs) -> Path:
     """Saves a matplotlib figure atomically (the format follows ``path``'s suffix)."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
+        fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", **kwargs)
     return path

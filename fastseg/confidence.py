@@ -30,13 +30,13 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
+from fastseg._atomic import save_figure
 from fastseg.ops import confidence as _ops
 
 __all__ = [
@@ -414,7 +414,6 @@ class ConfidenceAnalysis:
         chart of the per-class ECE coloured by size group. Returns the path."""
         r = self.compute() if result is None else result
         path = Path(path)
-        fmt = path.suffix[1:].lower() or "png"
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib is optional
         from matplotlib.figure import Figure
         from matplotlib.patches import Patch
@@ -437,8 +436,7 @@ class ConfidenceAnalysis:
         ax.set_ylabel("class-wise ECE")
         ax.legend(handles=[Patch(color=colour, label=name) for name, colour in colours.items()]
                   + [Patch(color="0.6", label="no group")], fontsize=7)
-        _atomic_savefig(fig, path, fmt, dpi)
-        return path
+        return save_figure(fig, path, dpi=dpi)
 
 
 def _reliability_panel(ax, edges, rel: Dict[str, torch.Tensor], title: str) -> None:
@@ -461,15 +459,3 @@ def _reliability_panel(ax, edges, rel: Dict[str, torch.Tensor], title: str) -> N
            color="C3", alpha=0.3, hatch="//", linewidth=0, label="gap to confidence")
     ax.legend(fontsize=6, loc="upper left")
 
-
-def _atomic_savefig(fig, path: Path, fmt: str, dpi: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format=fmt, dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

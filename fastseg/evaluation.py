@@ -37,6 +37,7 @@ from fastseg.data.dataset import (
     check_geometry,
     normalize_organs,
 )
+from fastseg._atomic import save_figure
 from fastseg.data.io import Image, atomic_output, image_suffix, read_image
 from fastseg.metrics.surface import CONVENTIONS, surface_metrics
 
@@ -147,9 +148,7 @@ class EvaluationResult:
             ax.grid(axis="y", alpha=0.3)
         axes[1].set_xticks(range(1, len(organs) + 1))
         axes[1].set_xticklabels(organs, rotation=60, ha="right")
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-        return path
+        return save_figure(fig, path, dpi=100)
 
 
 def _fmt(value: float, digits: int) -> str:

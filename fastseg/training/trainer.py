@@ -470,13 +470,15 @@ def plot_curves(history: List[Dict[str, Any]], path: Path) -> Optional[Path]:
     train = [h for h in history if "loss" in h]
     if not train:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # without pyplot: no global backend switch in the caller's (notebook) process
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     vals = [h for h in history if "val_dice" in h]
-    fig, axes = plt.subplots(1, 2 if vals else 1, figsize=(13 if vals else 6.5, 4.5), squeeze=False)
+    fig = Figure(figsize=(13 if vals else 6.5, 4.5), layout="tight")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2 if vals else 1, squeeze=False)
     it = np.array([h["iteration"] for h in train])
     loss = np.array([h["loss"] for h in train])
     ax = axes[0, 0]
@@ -491,13 +493,9 @@ def plot_curves(history: List[Dict[str, Any]], path: Path) -> Optional[Path]:
         ax = axes[0, 1]
         organs = list(vals[0]["val_dice"])
         vit = [h["iteration"] for h in vals]
-        cmap = plt.get_cmap("tab20", max(len(organs), 1))
+        cmap = colormaps["tab20"].resampled(max(len(organs), 1))
         for j, organ in enumerate(organs):
             ax.plot(vit, [h["val_dice"][organ] for h in vals], marker="o", ms=3, color=cmap(j), label=organ)
         ax.set(xlabel="iteration", ylabel="Dice", ylim=(0, 1), title="validation Dice per organ")
         ax.legend(fontsize=6, ncol=2, loc="lower right")
-    fig.tight_layout()
-    try:
-        return _atomic.save_figure(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    return _atomic.save_figure(fig, path, dpi=110)
