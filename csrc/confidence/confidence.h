@@ -24,6 +24,7 @@
 #include <cstdint>
 
 #include "../common/fast_math.h"
+#include "../common/labels.h"
 
 namespace fastseg {
 namespace confidence {
@@ -62,15 +63,7 @@ FASTSEG_HD int64_t total_size(const Problem& pb) {
   return classwise_size(pb) + top_size(pb) + confusion_size(pb);
 }
 
-// Label -> class, or -1 when ignored. A label that is neither a class nor ignore_index sets `bad`.
-FASTSEG_HD int32_t decode_label(int64_t y, const Problem& pb, bool& bad) {
-  if (pb.has_ignore && y == pb.ignore_index) return -1;
-  if (y < 0 || y >= pb.C) {
-    bad = true;
-    return -1;
-  }
-  return static_cast<int32_t>(y);
-}
+using ::fastseg::decode_label;
 
 // [0, 1], NaN -> 0 (every comparison with NaN is false), +inf -> 1, -inf -> 0.
 template <typename T>

@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "../common/fast_math.h"
+#include "../common/labels.h"
 
 namespace fastseg {
 namespace dice_ce {
@@ -39,15 +40,7 @@ struct Problem {
   int64_t ignore_index;
 };
 
-// Label -> (class, mask). A label that is neither a class nor ignore_index is reported via `bad`.
-FASTSEG_HD int32_t decode_label(int64_t y, const Problem& pb, bool& bad) {
-  if (pb.has_ignore && y == pb.ignore_index) return -1;
-  if (y < 0 || y >= pb.C) {
-    bad = true;
-    return -1;
-  }
-  return static_cast<int32_t>(y);
-}
+using ::fastseg::decode_label;
 
 template <typename T>
 FASTSEG_HD T pred_term(T p, bool squared) {
