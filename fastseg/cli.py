@@ -109,6 +109,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--mirror", type=_ints, default=[], help="axes for mirroring test-time augmentation, e.g. 0")
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>_probs.npz")
+    p.add_argument("--keep-largest-component", nargs="*", metavar="ORGAN",
+                   help="keep only the largest connected component of these organs (all when none are named)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(run=_run_predict)
 
@@ -142,11 +144,17 @@ def dataset_images(description: Path, split: str) -> List[Path]:
     return [spec.image_path(case) for case in spec.cases(split)]
 
 
+def _largest_component_organs(names: Optional[List[str]]):
+    """--keep-largest-component: absent -> off, given without names -> every organ."""
+    return False if names is None else (names or True)
+
+
 def _run_predict(args) -> int:
     from fastseg.training.predictor import Predictor
 
     files = _image_files(args.inputs, args.split)
-    predictor = Predictor(args.checkpoint, device=args.device, overlap=args.overlap, mirror_axes=args.mirror)
+    predictor = Predictor(args.checkpoint, device=args.device, overlap=args.overlap, mirror_axes=args.mirror,
+                          keep_largest_component=_largest_component_organs(args.keep_largest_component))
     written = predictor.predict_files(files, args.output, save_probabilities=args.save_probabilities)
     print(f"wrote {len(written)} label maps to {args.output}")
     return 0

@@ -15,6 +15,7 @@ from fastseg.data.preprocess import (
     resample_to_shape,
     restore_label,
     restore_probabilities,
+    restore_probabilities_box,
 )
 
 
@@ -254,6 +255,38 @@ def test_restore_probabilities_without_resampling_is_a_paste():
     np.testing.assert_array_equal(np.argmax(back, axis=0), label)
 
 
+@pytest.mark.parametrize("target", [(2.0, 2.0, 2.0), (0.5, 0.7, 1.0), (1.0, 1.0, 2.0)])
+def test_restore_probabilities_box_equals_the_full_restore_inside_its_box(target):
+    """Down-, up- and no resampling: the box holds exactly the full restore's values, and outside it every
+    organ probability is below the threshold."""
+    ct, label, _ = _phantom_ct()
+    pre = preprocess_case(ct, (1.0, 1.0, 2.0), label, target_spacing=target)
+    rng = np.random.default_rng(0)
+    organ = np.stack([(pre.label == c) * rng.uniform(0.2, 1.0, pre.label.shape) for c in range(1, 4)])
+    organ += rng.uniform(0, 1e-3, organ.shape)  # everywhere a little mass, below the threshold
+    probs = np.concatenate([1 - organ.sum(0, keepdims=True), organ]).astype(np.float32) / 1.0
+    full = restore_probabilities(probs, pre.info)
+    part, lower = restore_probabilities_box(probs, pre.info, threshold=0.01)
+    box = (slice(None),) + tuple(slice(a, a + n) for a, n in zip(lower, part.shape[1:]))
+    np.testing.assert_allclose(part, full[box], rtol=0, atol=1e-6)
+    outside = np.ones(ct.shape, bool)
+    outside[box[1:]] = False
+    assert full[1:][:, outside].max(initial=0) < 0.01
+    assert part.size < full.size  # the box is smaller than the volume
+    np.testing.assert_array_equal(np.argmax(full, 0)[box[1:]], np.argmax(part, 0))
+
+
+def test_restore_probabilities_box_without_organs_is_empty():
+    ct, label, _ = _phantom_ct()
+    pre = preprocess_case(ct, (1.0, 1.0, 2.0), label)
+    probs = np.zeros((3,) + pre.info.shape, np.float32)
+    probs[0] = 1
+    part, lower = restore_probabilities_box(probs, pre.info)
+    assert part.shape == (3, 0, 0, 0) and lower == (0, 0, 0)
+    sig, _ = restore_probabilities_box(probs, pre.info, background=False)  # channel 0 counts as an organ now
+    assert sig.shape[1:] == pre.info.cropped_shape
+
+
 def test_crop_keeps_labels_outside_the_body_and_accepts_images():
     from fastseg.data.io import Image
 
@@ -290,5 +323,7 @@ def test_preprocess_errors():
         restore_label(pre.label[:-1], pre.info)
     with pytest.raises(ValueError, match="restore_probabilities: probs"):
         restore_probabilities(pre.label, pre.info)
+    with pytest.raises(ValueError, match="restore_probabilities_box: probs"):
+        restore_probabilities_box(pre.label, pre.info)
     with pytest.raises(ValueError, match="restore_label: info"):
         restore_label(pre.label, {"shape": 1})

@@ -197,6 +197,36 @@ def test_predictor_keeps_input_geometry(dataset, tmp_path):
     np.testing.assert_allclose(probs.sum(0), 1.0, atol=2e-2)  # float16 storage
 
 
+def test_predictor_keep_largest_component(dataset, tmp_path):
+    """Post-processing leaves one component per organ and only removes voxels; probabilities are untouched."""
+    import scipy.ndimage as ndi
+
+    from fastseg.postprocess import keep_largest_component
+
+    Trainer(_config(dataset, tmp_path / "m", iterations=2), progress=False).fit()
+    image = Image(_synthetic_case(8)[0], spacing=(2.0, 2.0, 3.0))  # the training spacing: no resampling
+    plain = Predictor(tmp_path / "m" / "model_final.pt", device="cpu")
+    label, probs = plain.predict(image, return_probabilities=True)
+    cleaned, cleaned_probs = Predictor(tmp_path / "m" / "model_final.pt", device="cpu",
+                                       keep_largest_component=True).predict(image, return_probabilities=True)
+    np.testing.assert_array_equal(cleaned.array, keep_largest_component(label.array))
+    np.testing.assert_array_equal(cleaned_probs.full(), probs.full())
+    for value in (1, 2):
+        assert ndi.label(cleaned.array == value, np.ones((3, 3, 3)))[1] <= 1
+    only_cube = Predictor(tmp_path / "m" / "model_final.pt", device="cpu", keep_largest_component=["Cube"])
+    np.testing.assert_array_equal(only_cube.predict(image).array, keep_largest_component(label.array, [2]))
+    with pytest.raises(ValueError, match=r"keep_largest_component: expected organs of the model \(\['Ball', "
+                                         r"'Cube'\]\), got unknown \['Lens'\]"):
+        Predictor(tmp_path / "m" / "model_final.pt", device="cpu", keep_largest_component=["Lens"])
+    from fastseg.cli import main
+
+    model = str(tmp_path / "m" / "model_final.pt")
+    assert main(["predict", model, str(dataset), "--keep-largest-component", "Lens", "-o", str(tmp_path / "p")]) == 2
+    assert not (tmp_path / "p").exists()
+    assert main(["predict", model, str(dataset), "--keep-largest-component", "-o", str(tmp_path / "p")]) == 0
+    assert sorted(f.name for f in (tmp_path / "p").iterdir()) == ["case4.nii.gz"]
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="iterations: expected an int >= 1, got 0"):
         TrainConfig(iterations=0)

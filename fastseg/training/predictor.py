@@ -2,8 +2,9 @@
 spacing, origin and direction (and, on request, the probabilities for ``fastseg confidence``)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -21,6 +22,37 @@ def case_name(path: Path) -> str:
     return path.stem
 
 
+@dataclass(frozen=True)
+class ProbabilityBox:
+    """Class probabilities of a whole volume, stored inside the box where some organ is likely.
+
+    Outside the box every organ's probability is below 1/255 and is taken as 0, the background's (channel 0
+    of softmax models) as 1; a 22-class 512x512x160 volume would otherwise cost 3.7 GB in float32.
+
+    Attributes:
+        probs: (K, *box) probabilities.
+        lower: the box's lower corner (voxel indices of the volume).
+        shape: the volume's spatial shape.
+        background: channel 0 is the background (softmax); False for sigmoid outputs (one channel per organ).
+    """
+
+    probs: np.ndarray
+    lower: Tuple[int, ...]
+    shape: Tuple[int, ...]
+    background: bool = True
+
+    @property
+    def slices(self) -> Tuple[slice, ...]:
+        return (slice(None),) + tuple(slice(a, a + n) for a, n in zip(self.lower, self.probs.shape[1:]))
+
+    def full(self) -> np.ndarray:
+        """The (K, *shape) float32 volume."""
+        out = np.zeros((self.probs.shape[0],) + tuple(self.shape), np.float32)
+        out[0] = float(self.background)
+        out[self.slices] = self.probs
+        return out
+
+
 class Predictor:
     """Loads a checkpoint of :class:`fastseg.training.Trainer` and segments images.
 
@@ -31,10 +63,13 @@ class Predictor:
         mirror_axes: spatial axes mirrored for test-time augmentation (each of the 2^k flips is predicted
             and the logits averaged); () for none.
         amp: bf16 autocast on CUDA.
+        keep_largest_component: organs (names, or True for all) of which only the largest connected component
+            is kept (fastseg.postprocess.keep_largest_component); removes stray islands that inflate HD95.
     """
 
     def __init__(self, checkpoint: Union[str, Path], *, device: str = "auto", overlap: float = 0.5,
-                 mirror_axes: Sequence[int] = (), amp: bool = True):
+                 mirror_axes: Sequence[int] = (), amp: bool = True,
+                 keep_largest_component: Union[bool, Sequence[str]] = False):
         self.device = _resolve_device(device)
         state = load_checkpoint(checkpoint, map_location="cpu")
         self.plan = state["plan"]
@@ -50,15 +85,28 @@ class Predictor:
         self.overlap = float(overlap)
         self.mirror_axes = tuple(mirror_axes)
         self.amp = amp
+        self.largest_component_values = self._component_values(keep_largest_component)
 
     @property
     def organs(self) -> List[str]:
         return list(self.plan["organs"])
 
+    def _component_values(self, organs: Union[bool, Sequence[str]]) -> List[int]:
+        if isinstance(organs, bool):
+            organs = self.organs if organs else []
+        elif isinstance(organs, str) or not all(isinstance(o, str) for o in organs):
+            raise ValueError("Predictor: keep_largest_component: expected True / False or a list of organ names, "
+                             f"got {organs!r}")
+        unknown = [o for o in organs if o not in self.plan["label_values"]]
+        if unknown:
+            raise ValueError(f"Predictor: keep_largest_component: expected organs of the model ({self.organs}), "
+                             f"got unknown {unknown}")
+        return [int(self.plan["label_values"][o]) for o in organs]
+
     def predict(self, image, *, return_probabilities: bool = False):
         """Segments one ``fastseg.data.io.Image``; returns the label-map Image in the input's geometry (and,
-        with ``return_probabilities``, the (K, *spatial) float32 class probabilities there too)."""
-        from fastseg.data.preprocess import preprocess_case, restore_label, restore_probabilities
+        with ``return_probabilities``, a :class:`ProbabilityBox` of the class probabilities there too)."""
+        from fastseg.data.preprocess import preprocess_case, restore_label, restore_probabilities_box
 
         plan = self.plan
         if image.array.ndim != len(plan["patch_size"]):
@@ -74,11 +122,17 @@ class Predictor:
         else:
             probs = torch.softmax(logits, 0)
             label = self._index_to_values(probs.argmax(0).numpy())
+        if self.largest_component_values:
+            from fastseg.postprocess import keep_largest_component
+
+            label = keep_largest_component(label, self.largest_component_values)
         restored = restore_label(label, pre.info)
         out = image.with_array(restored.astype(np.uint8 if restored.max(initial=0) < 256 else np.int16))
         if not return_probabilities:
             return out
-        return out, restore_probabilities(probs.numpy(), pre.info)
+        softmax = plan["activation"] == "softmax"
+        part, lower = restore_probabilities_box(probs.numpy(), pre.info, background=softmax)
+        return out, ProbabilityBox(part, lower, tuple(image.array.shape), background=softmax)
 
     def _index_to_values(self, index: np.ndarray) -> np.ndarray:
         """Channel index (0 background, k organ k) -> the dataset's label values."""
@@ -123,32 +177,22 @@ class Predictor:
         return written
 
 
-def save_probability_file(path: Path, probs: np.ndarray, organs: Sequence[str], spacing) -> Path:
-    """Stores (K, *S) probabilities as compressed float16 inside the bounding box of the voxels where any organ
-    has probability >= 1/255 (outside it the background has probability ~1): a 22-class 512x512x160 volume
-    would otherwise cost 3 GB."""
+def save_probability_file(path: Path, probs: ProbabilityBox, organs: Sequence[str], spacing) -> Path:
+    """Stores a :class:`ProbabilityBox` as compressed float16 (atomically)."""
     from fastseg._atomic import atomic_path
 
-    fg = probs[1:].max(0) >= 1.0 / 255 if probs.shape[0] > 1 else probs[0] >= 1.0 / 255
-    idx = np.nonzero(fg)
-    lo = [int(i.min()) if i.size else 0 for i in idx]
-    hi = [int(i.max()) + 1 if i.size else 0 for i in idx]
-    box = (slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez_compressed(f, probs=probs[box].astype(np.float16), lower=np.array(lo), shape=np.array(probs.shape),
-                                organs=np.array(list(organs)), spacing=np.array(spacing, dtype=np.float64))
+            np.savez_compressed(f, probs=probs.probs.astype(np.float16), lower=np.array(probs.lower, np.int64),
+                                shape=np.array((probs.probs.shape[0],) + tuple(probs.shape), np.int64),
+                                background=np.array(probs.background), organs=np.array(list(organs)),
+                                spacing=np.array(spacing, dtype=np.float64))
     return path
 
 
 def load_probability_file(path: Union[str, Path]) -> Dict[str, np.ndarray]:
     """Reads :func:`save_probability_file`'s output back to a full (K, *S) float32 array."""
     with np.load(path, allow_pickle=False) as z:
-        shape = tuple(int(s) for s in z["shape"])
-        full = np.zeros(shape, np.float32)
-        full[0] = 1.0
-        lo = [int(v) for v in z["lower"]]
-        part = z["probs"].astype(np.float32)
-        box = (slice(None),) + tuple(slice(a, a + n) for a, n in zip(lo, part.shape[1:]))
-        full[box] = part
-        return {"probs": full, "organs": [str(o) for o in z["organs"]], "spacing": z["spacing"]}
+        box = ProbabilityBox(z["probs"].astype(np.float32), tuple(int(v) for v in z["lower"]),
+                             tuple(int(s) for s in z["shape"][1:]), bool(z["background"]))
+        return {"probs": box.full(), "organs": [str(o) for o in z["organs"]], "spacing": z["spacing"]}
