@@ -360,7 +360,7 @@ def _masks(shape=(1, 2, 6, 7, 5)):
     (lambda m: surface_metrics(m.to(torch.uint8) * 2, m), r"pred must be a binary mask .*got 'uint8 values up to 2'"),
     (lambda m: surface_metrics(m, m.float() * 0.5), r"target must be a binary mask .*got 'torch.float32 tensor"),
     (lambda m: surface_metrics(m, m, spacing=(1.0, 2.0)),
-     r"spacing must be None, a number, 3 numbers .*got \(1.0, 2.0\)"),
+     r"spacing must be None, a number or 3 numbers .*\(shape \(2,\) given\), got \(1.0, 2.0\)"),
     (lambda m: surface_metrics(m, m, spacing=(1.0, 0.0, 2.0)),
      r"spacing must be finite and > 0 .*got \(1.0, 0.0, 2.0\)"),
     (lambda m: surface_metrics(m, m, spacing=-1.0), r"spacing must be finite and > 0 .*got -1.0"),

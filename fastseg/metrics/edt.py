@@ -1,13 +1,12 @@
 """Exact Euclidean distance transform with the semantics of scipy.ndimage.distance_transform_edt."""
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from fastseg.metrics._spacing import spacing_rows
 from fastseg.ops import edt as _edt_op
 
 __all__ = ["distance_transform_edt"]
@@ -90,7 +89,9 @@ def distance_transform_edt(
     if not batched:
         m = m.unsqueeze(0)
     nd = m.dim() - 1
-    values = _spacing_values(spacing, nd, m.shape[0], batched)
+    rows = spacing_rows(_NAME, spacing, m.shape[0], nd, per_sample=batched)
+    # the op takes nd values, or one row per sample
+    values = rows[0] if all(r == rows[0] for r in rows) else [v for r in rows for v in r]
 
     out = _edt_op.edt(m, values)
     if not batched:
@@ -116,37 +117,3 @@ def _as_uint8_tensor(mask: Array) -> torch.Tensor:
             "threshold it first, e.g. mask > 0.5"
         )
     return mask if mask.dtype in (torch.bool, torch.uint8) else mask != 0
-
-
-def _spacing_values(spacing: Spacing, nd: int, B: int, batched: bool) -> list[float]:
-    """spacing as nd floats, or B * nd floats (one row per sample), all finite and > 0."""
-    if spacing is None:
-        return [1.0] * nd
-    if isinstance(spacing, numbers.Real) and not isinstance(spacing, bool):
-        values = [float(spacing)] * nd
-    else:
-        if isinstance(spacing, torch.Tensor):
-            arr = spacing.detach().to("cpu", torch.float64).numpy()
-        else:
-            try:
-                arr = np.asarray(spacing, dtype=np.float64)
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"{_NAME}: spacing must be None, a number or one number per spatial axis, got {spacing!r}"
-                ) from None
-        if arr.ndim == 0:
-            arr = np.full(nd, float(arr))
-        elif arr.shape == (nd,):
-            pass
-        elif batched and arr.shape == (B, nd):
-            pass
-        else:
-            rows = f" or (B, {nd}) = ({B}, {nd}) for one row per sample" if batched else ""
-            raise ValueError(
-                f"{_NAME}: spacing must hold one value per spatial axis, shape ({nd},){rows}; got shape "
-                f"{tuple(arr.shape)} ({spacing!r})"
-            )
-        values = [float(v) for v in arr.reshape(-1)]
-    if not all(math.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"{_NAME}: spacing values must be finite and > 0, got {spacing!r}")
-    return values

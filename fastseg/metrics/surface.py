@@ -67,6 +67,7 @@ import numpy as np
 import torch
 
 from fastseg.metrics import _masks, _surfaces
+from fastseg.metrics._spacing import spacing_rows
 
 __all__ = [
     "surface_metrics",
@@ -170,33 +171,6 @@ def _prepare_inputs(fn: str, pred: Array, target: Array, num_classes: Optional[i
     classes = list(range(first, num_classes))
     return (_masks.LabelMaps(p, num_classes, classes), _masks.LabelMaps(t, num_classes, classes), classes,
             p.shape[0], p.dim() - 1)
-
-
-def _spacing_rows(fn: str, spacing: SpacingLike, B: int, nd: int) -> List[List[float]]:
-    """One list of nd floats per sample, all finite and > 0."""
-    expected = (f"None, a number, {nd} numbers (one per spatial axis, in array order) or a (B, {nd}) = "
-                f"({B}, {nd}) array with one row per sample")
-    if spacing is None:
-        return [[1.0] * nd for _ in range(B)]
-    if isinstance(spacing, numbers.Real) and not isinstance(spacing, bool):
-        rows = [[float(spacing)] * nd for _ in range(B)]
-    else:
-        try:
-            if isinstance(spacing, torch.Tensor):
-                arr = spacing.detach().to("cpu", torch.float64).numpy()
-            else:
-                arr = np.asarray(spacing, dtype=np.float64)
-        except (TypeError, ValueError):
-            _fail(fn, "spacing", expected, spacing)
-        if arr.ndim == 1 and arr.shape[0] == nd:
-            rows = [[float(v) for v in arr] for _ in range(B)]
-        elif arr.ndim == 2 and arr.shape == (B, nd):
-            rows = [[float(v) for v in row] for row in arr]
-        else:
-            _fail(fn, "spacing", expected, spacing)
-    if not all(math.isfinite(v) and v > 0 for row in rows for v in row):
-        _fail(fn, "spacing", "finite and > 0 along every axis", spacing)
-    return rows
 
 
 def _check_convention(fn: str, convention: str) -> None:
@@ -328,7 +302,7 @@ def _evaluate(fn, pred, target, *, spacing, convention, num_classes, include_bac
     _check_convention(fn, convention)
     q = _check_percentile(fn, percentile) / 100.0
     psrc, tsrc, classes, B, nd = _prepare_inputs(fn, pred, target, num_classes, include_background)
-    rows = _spacing_rows(fn, spacing, B, nd)
+    rows = spacing_rows(f"fastseg.metrics.{fn}", spacing, B, nd)
     device = psrc.data.device
     boxes_p = _masks.find_boxes(psrc)
     _check_uint8_binary(fn, "pred", psrc)
