@@ -63,6 +63,9 @@ def _add_train(sub) -> None:
                    help="'ignore' = class adaptive Dice (Tappeiner et al. 2022)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig setting")
+    p.add_argument("--cascade", action="store_true", default=None,
+                   help="two stages: every organ at a coarse spacing, then the small organs at full resolution in "
+                        "crops around stage one's prediction (cascade_* settings)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.set_defaults(run=_run_train)
 
@@ -72,7 +75,7 @@ def _train_config(args):
 
     values = TrainConfig.load(args.config).to_dict() if args.config else {}
     flags = {"dataset": args.dataset, "output_dir": args.output_dir, "iterations": args.iterations,
-             "absent_classes": args.absent_classes, "device": args.device}
+             "absent_classes": args.absent_classes, "device": args.device, "cascade": args.cascade}
     if args.patch_size:
         flags["patch_size"] = "auto" if args.patch_size == "auto" else _ints(args.patch_size)
     values.update({k: v for k, v in flags.items() if v is not None})
@@ -85,10 +88,25 @@ def _train_config(args):
 def _run_train(args) -> int:
     from fastseg.training.trainer import Trainer
 
-    result = Trainer(_train_config(args), resume=not args.no_resume).fit()
+    config = _train_config(args)
+    if config.cascade:
+        return _run_cascade(config, resume=not args.no_resume)
+    result = Trainer(config, resume=not args.no_resume).fit()
     print(f"trained to iteration {result['iteration']}; model: {result['checkpoint']}")
     if result["val_dice"]:
         print(_dice_table(result["val_dice"]))
+    return 0
+
+
+def _run_cascade(config, *, resume: bool) -> int:
+    from fastseg.training.cascade import CascadeTrainer
+
+    result = CascadeTrainer(config, resume=resume).fit()
+    print(f"trained the cascade; small organs (stage two): {', '.join(result['small_organs'])}; "
+          f"model (both stages): {result['checkpoint']}")
+    for stage, what in (("stage1", "stage one, every organ, coarse"), ("stage2", "stage two, small organs, crops")):
+        if result[stage]["val_dice"]:
+            print(f"\n{what}:\n{_dice_table(result[stage]['val_dice'])}")
     return 0
 
 
@@ -150,11 +168,11 @@ def _largest_component_organs(names: Optional[List[str]]):
 
 
 def _run_predict(args) -> int:
-    from fastseg.training.predictor import Predictor
+    from fastseg.training.cascade import load_predictor
 
     files = _image_files(args.inputs, args.split)
-    predictor = Predictor(args.checkpoint, device=args.device, overlap=args.overlap, mirror_axes=args.mirror,
-                          keep_largest_component=_largest_component_organs(args.keep_largest_component))
+    predictor = load_predictor(args.checkpoint, device=args.device, overlap=args.overlap, mirror_axes=args.mirror,
+                               keep_largest_component=_largest_component_organs(args.keep_largest_component))
     written = predictor.predict_files(files, args.output, save_probabilities=args.save_probabilities)
     print(f"wrote {len(written)} label maps to {args.output}")
     return 0
@@ -260,7 +278,10 @@ def _run_confidence(args) -> int:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job: phantom data -> train -> predict -> evaluate, prints the table")
     p.add_argument("--output", type=Path, default=Path("runs/demo"))
-    p.add_argument("--iterations", type=int, help="default: 400 on CPU, 3000 on CUDA")
+    from fastseg.training.demo import CPU_SETTINGS, CUDA_SETTINGS
+
+    p.add_argument("--iterations", type=int, help=f"default: {CPU_SETTINGS['iterations']} on CPU, "
+                                                  f"{CUDA_SETTINGS['iterations']} on CUDA")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--absent-classes", choices=("keep", "ignore"), default="ignore")
     p.add_argument("--seed", type=int, default=0)

@@ -227,6 +227,31 @@ def test_predictor_keep_largest_component(dataset, tmp_path):
     assert sorted(f.name for f in (tmp_path / "p").iterdir()) == ["case4.nii.gz"]
 
 
+def test_label_values_with_gaps_and_sigmoid_training(tmp_path):
+    """A label map whose organ values are 3 and 7 trains (the loss sees classes 1..2) and predicts 3 / 7 back;
+    a sigmoid model predicts the same values and stores organ-only probabilities (no background channel)."""
+    root = tmp_path / "gaps"
+    names = [f"case{i}" for i in range(4)]
+    for i, name in enumerate(names):
+        image, label = _synthetic_case(i)
+        label = np.array([0, 3, 7], np.uint8)[label]
+        write_image(root / "images" / f"{name}.nii.gz", Image(image, spacing=(2.0, 2.0, 3.0)))
+        write_image(root / "labels" / f"{name}.nii.gz", Image(label, spacing=(2.0, 2.0, 3.0)))
+    description = root / "dataset.json"
+    write_dataset_description(description, organs={"Ball": 3, "Cube": 7}, image="images/{case}.nii.gz",
+                              label="labels/{case}.nii.gz", splits={"train": names[:3], "test": names[3:]})
+    for activation in ("softmax", "sigmoid"):
+        out = tmp_path / activation
+        trainer = Trainer(_config(description, out, iterations=30, activation=activation), progress=False)
+        trainer.fit()
+        if activation == "softmax":
+            assert set(np.unique(trainer.train_cases[0].label)) == {0, 1, 2}
+        image = Image(_synthetic_case(3)[0], spacing=(2.0, 2.0, 3.0))
+        label, probs = Predictor(out / "model_final.pt", device="cpu").predict(image, return_probabilities=True)
+        assert set(np.unique(label.array)) <= {0, 3, 7} and (label.array > 0).any()
+        assert probs.background == (activation == "softmax") and probs.probs.shape[0] == 2 + probs.background
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="iterations: expected an int >= 1, got 0"):
         TrainConfig(iterations=0)

@@ -1,7 +1,10 @@
-"""The reference 3D U-Net workflow: :class:`Trainer`, :class:`Predictor`, and the main job :func:`run_demo`."""
+"""The reference 3D U-Net workflow: :class:`Trainer`, :class:`Predictor`, the two-stage cascade
+(:class:`CascadeTrainer`, :class:`CascadePredictor`), and the main job :func:`fastseg.training.demo.run_demo`."""
+from fastseg.training.cascade import CascadePredictor, CascadeTrainer, load_predictor
 from fastseg.training.checkpoint import load_checkpoint, save_checkpoint
 from fastseg.training.config import TrainConfig
-from fastseg.training.predictor import Predictor
+from fastseg.training.predictor import Predictor, ProbabilityBox
 from fastseg.training.trainer import Trainer, TrainingInterrupted
 
-__all__ = ["TrainConfig", "Trainer", "TrainingInterrupted", "Predictor", "load_checkpoint", "save_checkpoint"]
+__all__ = ["TrainConfig", "Trainer", "TrainingInterrupted", "Predictor", "ProbabilityBox", "CascadeTrainer",
+           "CascadePredictor", "load_predictor", "load_checkpoint", "save_checkpoint"]

@@ -44,6 +44,11 @@ class TrainConfig:
     Run: ``iterations``, ``batch_size``, ``val_every`` / ``checkpoint_every`` (iterations; 0 = only at the
         end), ``num_workers`` (DataLoader), ``seed``, ``deterministic`` (torch deterministic algorithms),
         ``device``, ``amp`` (bf16 autocast, CUDA only), ``sw_overlap`` (validation sliding window).
+    Cascade (``fastseg.training.cascade``, softmax only): ``cascade`` trains two stages, all organs at
+        ``cascade_coarse_spacing`` (None: twice the target spacing), then the small organs at the target
+        spacing inside a crop around stage one's prediction grown by ``cascade_margin_mm``, with stage one's
+        probabilities of them as extra input channels. Small organs: ``cascade_small_organs`` (names), or
+        by default those whose median volume over the training cases is below ``cascade_max_volume_ml``.
     """
 
     dataset: str = ""
@@ -82,6 +87,11 @@ class TrainConfig:
     amp: bool = True
     sw_overlap: float = 0.5
     augment: bool = True
+    cascade: bool = False
+    cascade_small_organs: Optional[List[str]] = None
+    cascade_max_volume_ml: float = 10.0
+    cascade_coarse_spacing: Optional[List[float]] = None
+    cascade_margin_mm: float = 10.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -115,6 +125,26 @@ class TrainConfig:
         if len(w) != 2 or not w[0] < w[1]:
             _fail("window", "[low, high] with low < high (HU)", self.window)
         self.window = w
+        self._validate_cascade()
+
+    def _validate_cascade(self) -> None:
+        if not isinstance(self.cascade, bool):
+            _fail("cascade", "true or false", self.cascade)
+        _check_real("cascade_max_volume_ml", self.cascade_max_volume_ml, positive=True)
+        _check_real("cascade_margin_mm", self.cascade_margin_mm, positive=False)
+        if self.cascade_coarse_spacing is not None:
+            self.cascade_coarse_spacing = _positive_list("cascade_coarse_spacing", self.cascade_coarse_spacing)
+        small = self.cascade_small_organs
+        if small is not None:
+            if isinstance(small, str) or not isinstance(small, (list, tuple)) or not small \
+                    or not all(isinstance(o, str) and o for o in small):
+                _fail("cascade_small_organs", "a non-empty list of organ names or null (split by volume)", small)
+            if len(set(small)) != len(small):
+                _fail("cascade_small_organs", "organ names without repeats", small)
+            self.cascade_small_organs = list(small)
+        if self.cascade and self.activation != "softmax":
+            _fail("activation", "'softmax' with cascade: true (stage two replaces stage one's small-organ labels, "
+                  "which needs one label per voxel)", self.activation)
 
     # --- (de)serialisation ------------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:

@@ -53,7 +53,8 @@ def run_demo(output: Union[str, Path] = "runs/demo", *, iterations: Optional[int
     Trainer(config).fit()
 
     print("[demo] predicting the held-out test cases")
-    predictor = Predictor(out / "model" / FINAL, device=device)
+    # every one of the 21 organs is a single connected structure: islands elsewhere are false positives
+    predictor = Predictor(out / "model" / FINAL, device=device, keep_largest_component=True)
     predictor.predict_files(dataset_images(description, "test"), out / "predictions")
 
     result = evaluate_folders(out / "predictions", description, out_dir=out / "evaluation", tolerance=2.0,

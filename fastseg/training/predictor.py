@@ -57,7 +57,8 @@ class Predictor:
     """Loads a checkpoint of :class:`fastseg.training.Trainer` and segments images.
 
     Args:
-        checkpoint: a ``checkpoint.pt`` / ``model_final.pt`` (read with ``weights_only=True``).
+        checkpoint: a ``checkpoint.pt`` / ``model_final.pt`` (read with ``weights_only=True``), or its
+            already loaded contents.
         device: 'auto' | 'cpu' | 'cuda'.
         overlap: sliding-window overlap in [0, 1); windows are Gaussian-weighted (nnU-Net).
         mirror_axes: spatial axes mirrored for test-time augmentation (each of the 2^k flips is predicted
@@ -67,11 +68,11 @@ class Predictor:
             is kept (fastseg.postprocess.keep_largest_component); removes stray islands that inflate HD95.
     """
 
-    def __init__(self, checkpoint: Union[str, Path], *, device: str = "auto", overlap: float = 0.5,
+    def __init__(self, checkpoint: Union[str, Path, Dict], *, device: str = "auto", overlap: float = 0.5,
                  mirror_axes: Sequence[int] = (), amp: bool = True,
                  keep_largest_component: Union[bool, Sequence[str]] = False):
         self.device = _resolve_device(device)
-        state = load_checkpoint(checkpoint, map_location="cpu")
+        state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, map_location="cpu")
         self.plan = state["plan"]
         self.model = build_model(self.plan)
         self.model.load_state_dict(state["model"])
@@ -106,32 +107,41 @@ class Predictor:
     def predict(self, image, *, return_probabilities: bool = False):
         """Segments one ``fastseg.data.io.Image``; returns the label-map Image in the input's geometry (and,
         with ``return_probabilities``, a :class:`ProbabilityBox` of the class probabilities there too)."""
-        from fastseg.data.preprocess import preprocess_case, restore_label, restore_probabilities_box
+        from fastseg.data.preprocess import preprocess_case
 
-        plan = self.plan
-        if image.array.ndim != len(plan["patch_size"]):
-            raise ValueError(f"Predictor: image: expected a {len(plan['patch_size'])}D image (the model's), got "
-                             f"shape {image.array.shape}")
-        pre = preprocess_case(image.array, image.spacing, None, target_spacing=plan["target_spacing"],
-                              window=plan["window"])
-        logits = predict_logits(self.model, pre.image, plan, overlap=self.overlap, mirror_axes=self.mirror_axes,
-                                device=self.device, amp=self.amp)
-        if plan["activation"] == "sigmoid":
-            probs = torch.sigmoid(logits)
+        self._check_image(image)
+        pre = preprocess_case(image.array, image.spacing, None, target_spacing=self.plan["target_spacing"],
+                              window=self.plan["window"])
+        logits = predict_logits(self.model, pre.image, self.plan, overlap=self.overlap,
+                                mirror_axes=self.mirror_axes, device=self.device, amp=self.amp)
+        if self.plan["activation"] == "sigmoid":
+            probs = torch.sigmoid(logits).numpy()
             label = self._masks_to_labels(probs > 0.5)
         else:
-            probs = torch.softmax(logits, 0)
-            label = self._index_to_values(probs.argmax(0).numpy())
+            probs = torch.softmax(logits, 0).numpy()
+            label = self._index_to_values(probs.argmax(0))
+        return self._outputs(image, label, probs, pre.info, return_probabilities)
+
+    def _check_image(self, image) -> None:
+        nd = len(self.plan["patch_size"])
+        if image.array.ndim != nd:
+            raise ValueError(f"{type(self).__name__}: image: expected a {nd}D image (the model's), got shape "
+                             f"{image.array.shape}")
+
+    def _outputs(self, image, label: np.ndarray, probs: np.ndarray, info, return_probabilities: bool):
+        """Post-processing, then the label map (and the probabilities) back in the input's geometry."""
+        from fastseg.data.preprocess import restore_label, restore_probabilities_box
+
         if self.largest_component_values:
             from fastseg.postprocess import keep_largest_component
 
             label = keep_largest_component(label, self.largest_component_values)
-        restored = restore_label(label, pre.info)
+        restored = restore_label(label, info)
         out = image.with_array(restored.astype(np.uint8 if restored.max(initial=0) < 256 else np.int16))
         if not return_probabilities:
             return out
-        softmax = plan["activation"] == "softmax"
-        part, lower = restore_probabilities_box(probs.numpy(), pre.info, background=softmax)
+        softmax = self.plan["activation"] == "softmax"
+        part, lower = restore_probabilities_box(probs, info, background=softmax)
         return out, ProbabilityBox(part, lower, tuple(image.array.shape), background=softmax)
 
     def _index_to_values(self, index: np.ndarray) -> np.ndarray:
@@ -141,10 +151,10 @@ class Predictor:
             lut[k + 1] = self.plan["label_values"][organ]
         return lut[index]
 
-    def _masks_to_labels(self, masks: torch.Tensor) -> np.ndarray:
+    def _masks_to_labels(self, masks: np.ndarray) -> np.ndarray:
         from fastseg.data.dataset import masks_to_label_map
 
-        named = {organ: masks[k].numpy() for k, organ in enumerate(self.organs)}
+        named = {organ: masks[k] for k, organ in enumerate(self.organs)}
         return masks_to_label_map(named, self.plan["label_values"], self.plan["priority"] or None)
 
     def predict_files(self, inputs: Sequence[Union[str, Path]], output_dir: Union[str, Path], *,

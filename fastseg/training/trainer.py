@@ -96,48 +96,33 @@ class Trainer:
         self._stop_signal: Optional[int] = None
 
     # ---- data ------------------------------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        """Reads and preprocesses the training and validation cases and fixes the plan (spacing, patch, net)."""
-        from fastseg.data.dataset import DatasetSpec
-        from fastseg.data.preprocess import preprocess_case
+    def prepare_data(self, loaded: Optional[tuple] = None) -> None:
+        """Reads and preprocesses the training and validation cases and fixes the plan (spacing, patch, net).
 
+        ``loaded``: the ``(spec, train, val)`` of :func:`load_dataset`, when the caller has read the data already.
+        """
         cfg = self.config
-        if not cfg.dataset:
-            raise ValueError("TrainConfig: dataset: expected a dataset description file, got ''")
-        spec = DatasetSpec.load(cfg.dataset)
-        train_names, val_names = self._split(spec)
-        sigmoid = cfg.activation == "sigmoid"
-        raw = [spec.load_case(name, multilabel=sigmoid) for name in train_names + val_names]
-        for case in raw:
-            if case.image is None:
-                raise ValueError(f"Trainer: dataset {cfg.dataset} has no images (no 'image' pattern); "
-                                 "training needs an image per case")
-        spacing = cfg.target_spacing or np.median([c.image.spacing for c in raw[: len(train_names)]], 0).tolist()
-        prepared = []
-        for case in raw:
-            p = preprocess_case(case.image.array, case.image.spacing, case.label.array,
-                                target_spacing=spacing, window=cfg.window)
-            prepared.append(PreparedCase(case.name, p.image, p.label))
+        spec, train_raw, val_raw = loaded if loaded is not None else load_dataset(cfg)
+        spacing = cfg.target_spacing or median_spacing(train_raw)
         self.spec = spec
-        self.train_cases = prepared[: len(train_names)]
-        self.val_cases = prepared[len(train_names):]
-        self.plan = self._make_plan(spec, [float(s) for s in spacing])
+        values = list(spec.label_values.values())
+        self.use_cases(prepare_cases(train_raw, spacing, cfg.window, values),
+                       prepare_cases(val_raw, spacing, cfg.window, values), spacing, organs=list(spec.organs), label_values=spec.label_values,
+                       priority=getattr(spec, "priority", None) or [])
 
-    def _split(self, spec) -> tuple:
-        cfg = self.config
-        splits = getattr(spec, "splits", None) or {}
-        train = list(spec.cases(cfg.train_split) if cfg.train_split in splits else spec.cases())
-        if cfg.val_split and cfg.val_split in splits:
-            return train, list(spec.cases(cfg.val_split))
-        if cfg.val_cases >= len(train):
-            raise ValueError(f"TrainConfig: val_cases: expected fewer than the {len(train)} training cases, "
-                             f"got {cfg.val_cases}")
-        k = len(train) - cfg.val_cases
-        return train[:k], train[k:]
+    def use_cases(self, train_cases: Sequence[PreparedCase], val_cases: Sequence[PreparedCase],
+                  spacing: Sequence[float], *, organs: Sequence[str], label_values: Dict[str, int],
+                  priority: Sequence[str] = (), in_channels: int = 1) -> None:
+        """Trains on already prepared cases (label maps with values 0..len(organs), as the loss sees them) and
+        fixes the plan; the cascade's stage two uses it for its crops with ``in_channels`` input channels."""
+        self.train_cases = list(train_cases)
+        self.val_cases = list(val_cases)
+        self.plan = self._make_plan(list(organs), label_values, list(priority), [float(s) for s in spacing],
+                                    in_channels)
 
-    def _make_plan(self, spec, spacing: List[float]) -> Dict[str, Any]:
+    def _make_plan(self, organs: List[str], label_values: Dict[str, int], priority: List[str],
+                   spacing: List[float], in_channels: int) -> Dict[str, Any]:
         cfg = self.config
-        organs = list(spec.organs)
         patch = cfg.patch_size
         if patch == "auto":
             patch = self._auto_patch_size(spacing, len(organs) + 1)
@@ -156,12 +141,12 @@ class Trainer:
             patch = padded
         return {
             "organs": organs,
-            "label_values": {k: int(v) for k, v in spec.label_values.items()},
-            "priority": list(getattr(spec, "priority", None) or []),
+            "label_values": {k: int(v) for k, v in label_values.items()},
+            "priority": priority,
             "target_spacing": spacing,
             "window": list(cfg.window),
             "patch_size": [int(p) for p in patch],
-            "in_channels": 1,
+            "in_channels": int(in_channels),
             "num_classes": len(organs) + (0 if cfg.activation == "sigmoid" else 1),
             "activation": cfg.activation,
             "base_features": cfg.base_features,
@@ -179,15 +164,19 @@ class Trainer:
                                     batch_size=self.config.batch_size, base_features=self.config.base_features,
                                     max_features=self.config.max_features)
 
-    def _loader(self, start_iteration: int):
+    def _augmenter(self):
         from fastseg.data.augment import Augmenter
+
+        return Augmenter(spacing=self.plan["target_spacing"])
+
+    def _loader(self, start_iteration: int):
         from fastseg.data.sampling import PatchDataset, make_loader
 
         cfg = self.config
         dataset = PatchDataset(
             [(c.image, c.label) for c in self.train_cases], self.plan["patch_size"],
             oversample_foreground=cfg.oversample_foreground, seed=cfg.seed,
-            augment=Augmenter(spacing=self.plan["target_spacing"]) if cfg.augment else None,
+            augment=self._augmenter() if cfg.augment else None,
             length=cfg.iterations * cfg.batch_size * self.world,
         )
         return make_loader(dataset, cfg.batch_size, start_iteration=start_iteration, num_workers=cfg.num_workers,
@@ -420,6 +409,69 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------------------------------------
+def load_dataset(config: TrainConfig) -> tuple:
+    """``(spec, train, val)``: the dataset description and its raw training and validation cases
+    (``fastseg.data.dataset.Case``, every one with an image)."""
+    from fastseg.data.dataset import DatasetSpec
+
+    if not config.dataset:
+        raise ValueError("TrainConfig: dataset: expected a dataset description file, got ''")
+    spec = DatasetSpec.load(config.dataset)
+    train_names, val_names = _split_cases(config, spec)
+    sigmoid = config.activation == "sigmoid"
+    raw = [spec.load_case(name, multilabel=sigmoid) for name in train_names + val_names]
+    for case in raw:
+        if case.image is None:
+            raise ValueError(f"Trainer: dataset {config.dataset} has no images (no 'image' pattern); "
+                             "training needs an image per case")
+    return spec, raw[: len(train_names)], raw[len(train_names):]
+
+
+def _split_cases(config: TrainConfig, spec) -> tuple:
+    splits = getattr(spec, "splits", None) or {}
+    train = list(spec.cases(config.train_split) if config.train_split in splits else spec.cases())
+    if config.val_split and config.val_split in splits:
+        return train, list(spec.cases(config.val_split))
+    if config.val_cases >= len(train):
+        raise ValueError(f"TrainConfig: val_cases: expected fewer than the {len(train)} training cases, "
+                         f"got {config.val_cases}")
+    k = len(train) - config.val_cases
+    return train[:k], train[k:]
+
+
+def median_spacing(cases: Sequence[Any]) -> List[float]:
+    """The per-axis median image spacing of raw cases (the default target spacing)."""
+    return [float(s) for s in np.median([c.image.spacing for c in cases], 0)]
+
+
+def prepare_cases(cases: Sequence[Any], spacing: Sequence[float], window: Sequence[float],
+                  label_values: Optional[Sequence[int]] = None) -> List[PreparedCase]:
+    """Body crop, CT window and resampling of raw cases (``fastseg.data.preprocess.preprocess_case``).
+
+    ``label_values``: the dataset's value of each organ, in organ order; label maps are renumbered so organ k
+    is k + 1 (the loss's class index) when the values are not already 1..K (a label map with gaps, say).
+    """
+    from fastseg.data.preprocess import preprocess_case
+
+    prepared = []
+    for case in cases:
+        label = case.label.array
+        if label_values is not None and label.ndim == case.image.array.ndim:
+            label = _to_class_indices(label, label_values)
+        p = preprocess_case(case.image.array, case.image.spacing, label, target_spacing=spacing, window=window)
+        prepared.append(PreparedCase(case.name, p.image, p.label))
+    return prepared
+
+
+def _to_class_indices(label: np.ndarray, label_values: Sequence[int]) -> np.ndarray:
+    values = [int(v) for v in label_values]
+    if values == list(range(1, len(values) + 1)):
+        return label
+    lut = np.zeros(max(values) + 1, np.uint8 if len(values) < 256 else np.int16)
+    lut[values] = np.arange(1, len(values) + 1)
+    return lut[label]
+
+
 def build_model(plan: Dict[str, Any]) -> nn.Module:
     """The reference U-Net of a plan (a checkpoint's ``plan``)."""
     from fastseg.models import UNet
