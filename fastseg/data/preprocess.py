@@ -623,6 +623,14 @@ def restore_label(pred_label: np.ndarray, info) -> np.ndarray:
     return out
 
 
+def _probs_and_info(fn: str, probs, info) -> tuple[np.ndarray, RestoreInfo]:
+    info = _info(fn, info)
+    probs = np.asarray(probs)
+    if probs.ndim != len(info.shape) + 1 or probs.shape[1:] != info.shape or not np.issubdtype(probs.dtype, np.floating):
+        _fail(fn, "probs", f"a float (K, {', '.join(map(str, info.shape))}) array", _array_desc(probs))
+    return probs, info
+
+
 def restore_probabilities(probs: np.ndarray, info) -> np.ndarray:
     """Put (K, *S) class probabilities back onto the original grid; outside the crop background = 1.
 
@@ -636,12 +644,7 @@ def restore_probabilities(probs: np.ndarray, info) -> np.ndarray:
     Returns:
         (K, *original_shape) float32.
     """
-    fn = "restore_probabilities"
-    info = _info(fn, info)
-    probs = np.asarray(probs)
-    nd = len(info.shape)
-    if probs.ndim != nd + 1 or probs.shape[1:] != info.shape or not np.issubdtype(probs.dtype, np.floating):
-        _fail(fn, "probs", f"a float (K, {', '.join(map(str, info.shape))}) array", _array_desc(probs))
+    probs, info = _probs_and_info("restore_probabilities", probs, info)
     resized = _resample_fractions(probs, info.cropped_shape)
     out = np.zeros((probs.shape[0],) + info.original_shape, dtype=np.float32)
     out[0] = 1.0
@@ -663,12 +666,8 @@ def restore_probabilities_box(probs: np.ndarray, info, threshold: float = 1.0 / 
         (probs in the box (K, *box) float32, the box's lower corner in original voxel indices). With no
         foreground anywhere the box is empty (zero-size axes) at the origin.
     """
-    fn = "restore_probabilities_box"
-    info = _info(fn, info)
-    probs = np.asarray(probs)
+    probs, info = _probs_and_info("restore_probabilities_box", probs, info)
     nd = len(info.shape)
-    if probs.ndim != nd + 1 or probs.shape[1:] != info.shape or not np.issubdtype(probs.dtype, np.floating):
-        _fail(fn, "probs", f"a float (K, {', '.join(map(str, info.shape))}) array", _array_desc(probs))
     organs = probs[1:] if background else probs
     likely = organs.max(0) >= threshold if len(organs) else np.zeros(info.shape, bool)
     box = _foreground_bbox(likely, nd)
