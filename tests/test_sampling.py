@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from fastseg.data.augment import Augmenter
+from fastseg.data.augment import Augmenter, lateral_axis, lateral_pairs
 from fastseg.data.sampling import PatchDataset, PatchSampler, extract_patch, make_loader
 
 
@@ -396,6 +396,39 @@ def test_rotation_by_90_degrees_equals_rot90_and_flip_equals_numpy():
     img, lab = flip(image, label, rng)
     np.testing.assert_array_equal(img, image[:, :, ::-1])
     np.testing.assert_array_equal(lab, label[:, ::-1])
+
+
+def test_lateral_flip_swaps_left_and_right_labels():
+    """A flip of the lateral axis mirrors the patient: the left organ becomes a right one, in a label map and in
+    a multi-label stack; flips of other axes swap nothing."""
+    label = np.zeros((8, 6, 4), np.uint8)
+    label[1:3, 2:4, 1:3] = 2   # "Lens-Lt" on one side
+    label[5:7, 2:4, 1:3] = 3   # "Lens-Rt" on the other
+    label[3:5, 1:5, 0:4] = 1   # an unpaired organ in the middle
+    image = label[None].astype(np.float32)
+    swap = {0: [(2, 3)]}
+    img, lab = Augmenter(**{**OFF, "p_flip": 1.0}, flip_axes=(0,), swap_on_flip=swap)(image, label,
+                                                                                        np.random.default_rng(0))
+    np.testing.assert_array_equal(img, image[:, ::-1])
+    expected = np.array([0, 1, 3, 2], np.uint8)[label[::-1]]
+    np.testing.assert_array_equal(lab, expected)
+    stack = np.stack([label == v for v in (1, 2, 3)]).astype(np.uint8)
+    _, lab_stack = Augmenter(**{**OFF, "p_flip": 1.0}, flip_axes=(0,), swap_on_flip=swap)(image, stack,
+                                                                                           np.random.default_rng(0))
+    np.testing.assert_array_equal(lab_stack, np.stack([expected == v for v in (1, 2, 3)]).astype(np.uint8))
+    _, other = Augmenter(**{**OFF, "p_flip": 1.0}, flip_axes=(1,), swap_on_flip=swap)(image, label,
+                                                                                        np.random.default_rng(0))
+    np.testing.assert_array_equal(other, label[:, ::-1])
+    with pytest.raises(ValueError, match="Augmenter: swap_on_flip: expected pairs of distinct positive"):
+        Augmenter(swap_on_flip={0: [(2, 3), (3, 4)]})
+
+
+def test_lateral_pairs_and_axis():
+    names = ["Brain", "Parotid-Lt", "Parotid-Rt", "Lens_L", "Lens_R", "Left Orbit", "Right Orbit", "Lt", "Cord"]
+    assert lateral_pairs(names) == [(1, 2), (3, 4), (5, 6)]
+    assert lateral_pairs(["Lung-Lt", "Brainstem"]) == []  # a side without its partner
+    assert lateral_axis(np.eye(3)) == 0
+    assert lateral_axis([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]) == 2
 
 
 def test_context_margin_keeps_the_transform_inside_the_input():

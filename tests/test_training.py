@@ -252,6 +252,46 @@ def test_label_values_with_gaps_and_sigmoid_training(tmp_path):
         assert probs.background == (activation == "softmax") and probs.probs.shape[0] == 2 + probs.background
 
 
+def test_lateral_pairs_in_the_plan_and_mirrored_prediction():
+    """Names with a side token become swap pairs on the lateral axis; test-time mirroring of that axis swaps the
+    pair's channels back, so a model that tells left from right by position keeps doing so under TTA."""
+    from fastseg.training.trainer import predict_logits
+
+    trainer = Trainer(TrainConfig(patch_size=[8, 6, 4], base_features=4, max_features=8), progress=False)
+    trainer.use_cases([], [], [1.0, 1.0, 2.5], organs=["Brain", "Lens-Lt", "Lens-Rt"],
+                      label_values={"Brain": 1, "Lens-Lt": 2, "Lens-Rt": 3}, lateral=0)
+    assert trainer.plan["lateral"] == {"axis": 0, "pairs": [[2, 3]]}
+    none = Trainer(TrainConfig(patch_size=[8, 6, 4], lateral_pairs="none"), progress=False)
+    none.use_cases([], [], [1.0, 1.0, 2.5], organs=["Lens-Lt", "Lens-Rt"], label_values={"Lens-Lt": 1, "Lens-Rt": 2},
+                   lateral=0)
+    assert none.plan["lateral"] is None
+    with pytest.raises(ValueError, match=r"lateral_pairs: expected organs of the dataset .* got unknown \['Eye'\]"):
+        Trainer(TrainConfig(patch_size=[8, 6, 4], lateral_pairs=[["Eye", "Lens-Rt"]]), progress=False).use_cases(
+            [], [], [1.0, 1.0, 2.5], organs=["Lens-Lt", "Lens-Rt"], label_values={"Lens-Lt": 1, "Lens-Rt": 2},
+            lateral=0)
+
+    class BySide(torch.nn.Module):
+        """Logits: Lens-Lt on the low half of axis 0, Lens-Rt on the high half (one window = the volume)."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            low = (torch.arange(x.shape[2]) < x.shape[2] // 2).float().view(1, -1, 1, 1).expand(x.shape[0], -1,
+                                                                                                 *x.shape[3:])
+            return torch.stack([torch.zeros_like(low), -5 + 0 * low, 5 * (2 * low - 1), -5 * (2 * low - 1)], 1)
+
+    plan = {**trainer.plan, "patch_size": [8, 6, 4]}
+    image = np.zeros((1, 8, 6, 4), np.float32)
+    plain = predict_logits(BySide(), image, plan, device=torch.device("cpu"))
+    mirrored = predict_logits(BySide(), image, plan, mirror_axes=(0,), device=torch.device("cpu"))
+    torch.testing.assert_close(mirrored, plain)
+    unswapped = predict_logits(BySide(), image, {**plan, "lateral": None}, mirror_axes=(0,),
+                               device=torch.device("cpu"))
+    assert unswapped[2:].abs().max() < 1e-5  # plain mirroring blends left and right into a tie
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="iterations: expected an int >= 1, got 0"):
         TrainConfig(iterations=0)
@@ -259,6 +299,8 @@ def test_config_errors(tmp_path):
         TrainConfig(absent_classes="drop")
     with pytest.raises(ValueError, match=r"patch_size: expected a list of 2 or 3 positive ints or 'auto'"):
         TrainConfig(patch_size="big")
+    with pytest.raises(ValueError, match=r"lateral_pairs: expected 'auto', 'none' or a list of \[left, right\]"):
+        TrainConfig(lateral_pairs=[["Lens-Lt"]])
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['learning_rate'\]"):
         TrainConfig.from_dict({"learning_rate": 1.0})
     bad = tmp_path / "c.yaml"

@@ -8,17 +8,50 @@ interpolate across thick slices, which nnU-Net avoids too (its "dummy 2D" augmen
 Spatial transforms use one affine map for image (spline ``order``, linear by default) and label (nearest),
 so both stay aligned; intensity transforms touch the image only. Everything random comes from the
 ``numpy.random.Generator`` passed in, so a call is deterministic given its generator.
+
+Mirroring the patient's left-right axis turns a left organ into a right one. Head-and-neck datasets label
+most organs by side (Parotid-Lt / Parotid-Rt: 16 of the 21 shared organs), and nnU-Net's plain mirroring
+then teaches the network that either label is right on either side, so it can learn neither. With
+``swap_on_flip`` a flip of that axis also swaps the labels of each left / right pair, so the flipped patch is
+a correctly labelled mirror-image patient; :func:`lateral_pairs` finds the pairs by name and
+:func:`lateral_axis` the axis from the image's direction.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+import re
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import scipy.ndimage as ndi
 import torch
 
-__all__ = ["Augmenter"]
+__all__ = ["Augmenter", "lateral_axis", "lateral_pairs"]
+
+# a side token: a whole word of the name (delimited by start / end, '-', '_', ' ' or '.')
+_SIDE = re.compile(r"(?<![A-Za-z0-9])(Lt|Rt|LT|RT|lt|rt|L|R|l|r|Left|Right|left|right|LEFT|RIGHT)(?![A-Za-z0-9])")
+_OTHER_SIDE = {"Lt": "Rt", "LT": "RT", "lt": "rt", "L": "R", "l": "r", "Left": "Right", "left": "right",
+               "LEFT": "RIGHT"}
+_OTHER_SIDE.update({v: k for k, v in _OTHER_SIDE.items()})
+
+
+def lateral_pairs(names: Sequence[str]) -> list[tuple[int, int]]:
+    """Index pairs ``(i, j)``, i < j, of names that differ only by a side token (Parotid-Lt / Parotid-Rt,
+    Lens_L / Lens_R, Left Orbit / Right Orbit)."""
+    index = {name: i for i, name in enumerate(names)}
+    pairs = []
+    for i, name in enumerate(names):
+        mirrored = _SIDE.sub(lambda m: _OTHER_SIDE[m.group(0)], name)
+        j = index.get(mirrored)
+        if j is not None and j > i:
+            pairs.append((i, j))
+    return pairs
+
+
+def lateral_axis(direction) -> int:
+    """The array axis closest to the patient's left-right (LPS x) direction; ``direction``'s column ``a`` is
+    the unit vector of array axis ``a`` (``fastseg.data.io.Image.direction``)."""
+    return int(np.argmax(np.abs(np.asarray(direction, dtype=np.float64)[0])))
 
 
 def _fail(name: str, expected: str, got) -> None:
@@ -80,6 +113,8 @@ class Augmenter:
         p_noise: probability of noise (nnU-Net: 0.1).
         spacing: voxel spacing of the patches; rotations are done in mm so anisotropic voxels do not shear.
         order: spline order for the image in spatial transforms (labels always use nearest).
+        swap_on_flip: ``{axis: [(a, b), ...]}``: a flip of ``axis`` also exchanges label values a and b (in a
+            (K, *P) stack, channels a - 1 and b - 1): the left / right organ pairs on the lateral axis.
 
     Example:
         >>> aug = Augmenter(spacing=(1.0, 1.0, 2.5))
@@ -92,7 +127,8 @@ class Augmenter:
                  intensity_scale: Sequence[float] = (0.75, 1.25), intensity_shift: Sequence[float] = (-0.1, 0.1),
                  p_intensity: float = 0.15, gamma: Sequence[float] = (0.7, 1.5), p_gamma: float = 0.3,
                  noise_std: Sequence[float] = (0.0, 0.1), p_noise: float = 0.1,
-                 spacing: Optional[Sequence[float]] = None, order: int = 1):
+                 spacing: Optional[Sequence[float]] = None, order: int = 1,
+                 swap_on_flip: Optional[Mapping[int, Sequence[Sequence[int]]]] = None):
         if any(int(a) != a or a < 0 for a in flip_axes):
             _fail("flip_axes", "non-negative integer axes", flip_axes)
         self.flip_axes = tuple(int(a) for a in flip_axes)
@@ -125,11 +161,12 @@ class Augmenter:
         if order not in range(6):
             _fail("order", "a spline order in 0..5", order)
         self.order = int(order)
+        self.swap_on_flip = {int(axis): _value_permutation(pairs) for axis, pairs in (swap_on_flip or {}).items()}
 
     def __repr__(self) -> str:
         keys = ("flip_axes", "p_flip", "rotation", "rotation_axes", "p_rotation", "scale", "p_scale",
                 "intensity_scale", "intensity_shift", "p_intensity", "gamma", "p_gamma", "noise_std",
-                "p_noise", "spacing", "order")
+                "p_noise", "spacing", "order", "swap_on_flip")
         return "Augmenter(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in keys) + ")"
 
     @property
@@ -292,4 +329,32 @@ class Augmenter:
                 img = np.flip(img, axis + 1)
                 if lab is not None:
                     lab = np.flip(lab, axis + lab_lead)
+                    if axis in self.swap_on_flip:
+                        lab = _swap_sides(lab, self.swap_on_flip[axis], lab_lead)
         return img, lab
+
+
+def _value_permutation(pairs: Sequence[Sequence[int]]) -> np.ndarray:
+    """Lookup table that exchanges the two values of each pair and keeps every other value."""
+    try:
+        flat = [(int(a), int(b)) for a, b in pairs]
+    except (TypeError, ValueError):
+        _fail("swap_on_flip", "{axis: [(a, b), ...]} with label values a, b", pairs)
+    values = [v for pair in flat for v in pair]
+    if any(v < 1 for v in values) or len(set(values)) != len(values):
+        _fail("swap_on_flip", "pairs of distinct positive label values, each value in one pair", pairs)
+    lut = np.arange(max(values, default=0) + 1)
+    for a, b in flat:
+        lut[a], lut[b] = b, a
+    return lut
+
+
+def _swap_sides(lab: np.ndarray, lut: np.ndarray, lab_lead: int) -> np.ndarray:
+    if lab_lead:  # a (K, *P) stack: channel c holds label value c + 1
+        order = np.arange(lab.shape[0])
+        head = min(len(lut) - 1, lab.shape[0])
+        order[:head] = lut[1:head + 1] - 1
+        return lab[order]
+    if lab.size and int(lab.max()) >= len(lut):
+        lut = np.concatenate([lut, np.arange(len(lut), int(lab.max()) + 1)])
+    return lut[lab].astype(lab.dtype, copy=False)

@@ -37,8 +37,8 @@ from fastseg.data.augment import Augmenter
 from fastseg.training.checkpoint import load_checkpoint, save_checkpoint
 from fastseg.training.config import TrainConfig
 from fastseg.training.predictor import Predictor
-from fastseg.training.trainer import (FINAL, PreparedCase, Trainer, build_model, load_dataset, median_spacing,
-                                      predict_logits, prepare_cases)
+from fastseg.training.trainer import (FINAL, PreparedCase, Trainer, build_model, lateral_axis_of, load_dataset,
+                                      median_spacing, predict_logits, prepare_cases)
 
 __all__ = ["CascadePredictor", "CascadeTrainer", "cascade_crop", "load_predictor", "measure_volumes",
            "split_organs"]
@@ -215,8 +215,7 @@ class _GuidedAugmenter(Augmenter):
 
 
 class _StageTwoTrainer(Trainer):
-    def _augmenter(self):
-        return _GuidedAugmenter(spacing=self.plan["target_spacing"])
+    augmenter_class = _GuidedAugmenter
 
 
 class CascadeTrainer:
@@ -273,7 +272,8 @@ class CascadeTrainer:
             cases[part] = [self._crop_case(stage1, c, f, spec.label_values, small, channels, target, part, crops)
                            for c, f in zip(coarse_cases, fine_cases)]
         stage2.use_cases(cases["train"], cases["val"], target, organs=small,
-                         label_values={o: j + 1 for j, o in enumerate(small)}, in_channels=1 + len(small))
+                         label_values={o: j + 1 for j, o in enumerate(small)}, in_channels=1 + len(small),
+                         lateral=lateral_axis_of(train_raw))
         # marks a stage-two file: its inputs need stage one, so load_predictor refuses it on its own
         stage2.plan = {**stage2.plan, "cascade_guidance": list(small)}
         result2 = stage2.fit()

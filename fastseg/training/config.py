@@ -44,6 +44,11 @@ class TrainConfig:
     Run: ``iterations``, ``batch_size``, ``val_every`` / ``checkpoint_every`` (iterations; 0 = only at the
         end), ``num_workers`` (DataLoader), ``seed``, ``deterministic`` (torch deterministic algorithms),
         ``device``, ``amp`` (bf16 autocast, CUDA only), ``sw_overlap`` (validation sliding window).
+    Augmentation: ``augment`` (nnU-Net's transforms, fastseg.data.augment); ``lateral_pairs``: left / right
+        organ pairs whose labels are swapped when a patch is mirrored along the patient's left-right axis
+        (found from the images' direction) — 'auto' pairs names that differ by a side token (Parotid-Lt /
+        Parotid-Rt), a list of [left, right] names sets them, 'none' mirrors without swapping (nnU-Net's
+        behaviour, which leaves the network unable to tell left from right organs).
     Cascade (``fastseg.training.cascade``, softmax only): ``cascade`` trains two stages, all organs at
         ``cascade_coarse_spacing`` (None: twice the target spacing), then the small organs at the target
         spacing inside a crop around stage one's prediction grown by ``cascade_margin_mm``, with stage one's
@@ -87,6 +92,7 @@ class TrainConfig:
     amp: bool = True
     sw_overlap: float = 0.5
     augment: bool = True
+    lateral_pairs: Union[str, List[List[str]]] = "auto"
     cascade: bool = False
     cascade_small_organs: Optional[List[str]] = None
     cascade_max_volume_ml: float = 10.0
@@ -125,6 +131,15 @@ class TrainConfig:
         if len(w) != 2 or not w[0] < w[1]:
             _fail("window", "[low, high] with low < high (HU)", self.window)
         self.window = w
+        pairs = self.lateral_pairs
+        if isinstance(pairs, str):
+            if pairs not in ("auto", "none"):
+                _fail("lateral_pairs", "'auto', 'none' or a list of [left, right] organ names", pairs)
+        elif not isinstance(pairs, (list, tuple)) or not all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(o, str) for o in p) for p in pairs):
+            _fail("lateral_pairs", "'auto', 'none' or a list of [left, right] organ names", pairs)
+        else:
+            self.lateral_pairs = [list(p) for p in pairs]
         self._validate_cascade()
 
     def _validate_cascade(self) -> None:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from fastseg import _atomic
+from fastseg.data.augment import Augmenter
 from fastseg.training.checkpoint import load_checkpoint, save_checkpoint
 from fastseg.training.config import TrainConfig
 
@@ -83,6 +84,8 @@ class Trainer:
         >>> result["val_dice"]              # per-organ validation Dice of the last validation
     """
 
+    augmenter_class = Augmenter
+
     def __init__(self, config: TrainConfig, *, resume: bool = True, progress: bool = True):
         self.config = config
         self.out = Path(config.output_dir)
@@ -107,18 +110,40 @@ class Trainer:
         self.spec = spec
         values = list(spec.label_values.values())
         self.use_cases(prepare_cases(train_raw, spacing, cfg.window, values),
-                       prepare_cases(val_raw, spacing, cfg.window, values), spacing, organs=list(spec.organs), label_values=spec.label_values,
-                       priority=getattr(spec, "priority", None) or [])
+                       prepare_cases(val_raw, spacing, cfg.window, values), spacing,
+                       organs=list(spec.organs), label_values=spec.label_values,
+                       priority=getattr(spec, "priority", None) or [], lateral=lateral_axis_of(train_raw))
 
     def use_cases(self, train_cases: Sequence[PreparedCase], val_cases: Sequence[PreparedCase],
                   spacing: Sequence[float], *, organs: Sequence[str], label_values: Dict[str, int],
-                  priority: Sequence[str] = (), in_channels: int = 1) -> None:
+                  priority: Sequence[str] = (), in_channels: int = 1, lateral: Optional[int] = None) -> None:
         """Trains on already prepared cases (label maps with values 0..len(organs), as the loss sees them) and
-        fixes the plan; the cascade's stage two uses it for its crops with ``in_channels`` input channels."""
+        fixes the plan; the cascade's stage two uses it for its crops with ``in_channels`` input channels.
+        ``lateral``: the array axis of the patient's left-right direction (:func:`lateral_axis_of`)."""
         self.train_cases = list(train_cases)
         self.val_cases = list(val_cases)
         self.plan = self._make_plan(list(organs), label_values, list(priority), [float(s) for s in spacing],
                                     in_channels)
+        self.plan["lateral"] = self._lateral(list(organs), lateral)
+
+    def _lateral(self, organs: List[str], axis: Optional[int]) -> Optional[Dict[str, Any]]:
+        """{"axis", "pairs" (class indices)} of the left / right organ pairs, or None (nothing to swap)."""
+        from fastseg.data.augment import lateral_pairs
+
+        wanted = self.config.lateral_pairs
+        if wanted == "none" or axis is None:
+            return None
+        if wanted == "auto":
+            pairs = lateral_pairs(organs)
+        else:
+            unknown = sorted({o for pair in wanted for o in pair} - set(organs))
+            if unknown:
+                raise ValueError(f"TrainConfig: lateral_pairs: expected organs of the dataset {organs}, got "
+                                 f"unknown {unknown}")
+            pairs = [(organs.index(a), organs.index(b)) for a, b in wanted]
+        if not pairs:
+            return None
+        return {"axis": int(axis), "pairs": [[i + 1, j + 1] for i, j in pairs]}
 
     def _make_plan(self, organs: List[str], label_values: Dict[str, int], priority: List[str],
                    spacing: List[float], in_channels: int) -> Dict[str, Any]:
@@ -165,9 +190,9 @@ class Trainer:
                                     max_features=self.config.max_features)
 
     def _augmenter(self):
-        from fastseg.data.augment import Augmenter
-
-        return Augmenter(spacing=self.plan["target_spacing"])
+        lateral = self.plan["lateral"]
+        swap = {lateral["axis"]: lateral["pairs"]} if lateral else None
+        return self.augmenter_class(spacing=self.plan["target_spacing"], swap_on_flip=swap)
 
     def _loader(self, start_iteration: int):
         from fastseg.data.sampling import PatchDataset, make_loader
@@ -439,6 +464,15 @@ def _split_cases(config: TrainConfig, spec) -> tuple:
     return train[:k], train[k:]
 
 
+def lateral_axis_of(cases: Sequence[Any]) -> Optional[int]:
+    """The array axis along the patient's left-right direction, from the raw cases' image directions; None
+    when the cases disagree (then no left / right label swapping is safe)."""
+    from fastseg.data.augment import lateral_axis
+
+    axes = {lateral_axis(c.image.direction) for c in cases}
+    return axes.pop() if len(axes) == 1 else None
+
+
 def median_spacing(cases: Sequence[Any]) -> List[float]:
     """The per-axis median image spacing of raw cases (the default target spacing)."""
     return [float(s) for s in np.median([c.image.spacing for c in cases], 0)]
@@ -494,13 +528,27 @@ def predict_logits(model: nn.Module, image: np.ndarray, plan: Dict[str, Any], *,
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             return model(x).float()
 
+    def infer(volume: np.ndarray, axes: tuple) -> torch.Tensor:
+        inputs = torch.from_numpy(np.ascontiguousarray(volume))[None]
+        with torch.no_grad():
+            return sliding_window_inference(inputs, plan["patch_size"], 2, predictor, overlap=overlap,
+                                            mode="gaussian", mirror_axes=axes, sw_device=device,
+                                            device=torch.device("cpu"), progress=progress)[0]
+
     model.eval()
-    inputs = torch.from_numpy(np.ascontiguousarray(image))[None]
-    with torch.no_grad():
-        out = sliding_window_inference(inputs, plan["patch_size"], 2, predictor, overlap=overlap,
-                                       mode="gaussian", mirror_axes=tuple(mirror_axes), sw_device=device,
-                                       device=torch.device("cpu"), progress=progress)
-    return out[0]
+    lateral = plan.get("lateral")
+    if not lateral or lateral["axis"] not in mirror_axes:
+        return infer(image, tuple(mirror_axes))
+    # A left-right mirrored patient shows the left organs where the right ones are: the logits of the mirrored
+    # image, flipped back, hold each organ of a pair in its partner's channel.
+    axis = lateral["axis"]
+    others = tuple(a for a in mirror_axes if a != axis)
+    order = list(range(plan["num_classes"]))
+    shift = 1 if plan["activation"] == "sigmoid" else 0  # sigmoid channels have no background
+    for a, b in lateral["pairs"]:
+        order[a - shift], order[b - shift] = order[b - shift], order[a - shift]
+    mirrored = infer(np.flip(image, axis + 1), others).flip(axis + 1)[order]
+    return (infer(image, others) + mirrored) / 2
 
 
 def _stack_to_labels(stack: np.ndarray) -> np.ndarray:
