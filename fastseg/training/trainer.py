@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from fastseg import _atomic
-from fastseg.data.augment import Augmenter
+from fastseg.data.augment import Augmenter, lateral_axis, lateral_pairs
 from fastseg.training.checkpoint import load_checkpoint, save_checkpoint
 from fastseg.training.config import TrainConfig
 
@@ -123,13 +123,10 @@ class Trainer:
         self.train_cases = list(train_cases)
         self.val_cases = list(val_cases)
         self.plan = self._make_plan(list(organs), label_values, list(priority), [float(s) for s in spacing],
-                                    in_channels)
-        self.plan["lateral"] = self._lateral(list(organs), lateral)
+                                    in_channels, lateral)
 
     def _lateral(self, organs: List[str], axis: Optional[int]) -> Optional[Dict[str, Any]]:
         """{"axis", "pairs" (class indices)} of the left / right organ pairs, or None (nothing to swap)."""
-        from fastseg.data.augment import lateral_pairs
-
         wanted = self.config.lateral_pairs
         if wanted == "none" or axis is None:
             return None
@@ -146,7 +143,7 @@ class Trainer:
         return {"axis": int(axis), "pairs": [[i + 1, j + 1] for i, j in pairs]}
 
     def _make_plan(self, organs: List[str], label_values: Dict[str, int], priority: List[str],
-                   spacing: List[float], in_channels: int) -> Dict[str, Any]:
+                   spacing: List[float], in_channels: int, lateral: Optional[int]) -> Dict[str, Any]:
         cfg = self.config
         patch = cfg.patch_size
         if patch == "auto":
@@ -177,6 +174,7 @@ class Trainer:
             "base_features": cfg.base_features,
             "max_features": cfg.max_features,
             "deep_supervision": cfg.deep_supervision,
+            "lateral": self._lateral(organs, lateral),
         }
 
     def _auto_patch_size(self, spacing: List[float], num_classes: int) -> List[int]:
@@ -467,8 +465,6 @@ def _split_cases(config: TrainConfig, spec) -> tuple:
 def lateral_axis_of(cases: Sequence[Any]) -> Optional[int]:
     """The array axis along the patient's left-right direction, from the raw cases' image directions; None
     when the cases disagree (then no left / right label swapping is safe)."""
-    from fastseg.data.augment import lateral_axis
-
     axes = {lateral_axis(c.image.direction) for c in cases}
     return axes.pop() if len(axes) == 1 else None
 
