@@ -276,10 +276,10 @@ def _run_confidence(args) -> int:
 
 # --------------------------------------------------------------------------------------------------------
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the main job: phantom data -> train -> predict -> evaluate, prints the table")
-    p.add_argument("--output", type=Path, default=Path("runs/demo"))
     from fastseg.training.demo import CPU_SETTINGS, CUDA_SETTINGS
 
+    p = sub.add_parser("demo", help="the main job: phantom data -> train -> predict -> evaluate, prints the table")
+    p.add_argument("--output", type=Path, default=Path("runs/demo"))
     p.add_argument("--iterations", type=int, help=f"default: {CPU_SETTINGS['iterations']} on CPU, "
                                                   f"{CUDA_SETTINGS['iterations']} on CUDA")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
