@@ -213,7 +213,7 @@ FASTSEG_TILE_INLINE void sigmoid_backward(const Tile<T>& tl, const T* gs) {
   }
 }
 
-// float versions get AVX2 clones; double (gradcheck, float64 logits) uses the templates directly.
+// float versions get ISA clones (FASTSEG_CPU_CLONES); double (gradcheck, float64 logits) uses the templates directly.
 #define FASTSEG_FLOAT_CLONE(name, Labels, ...)                                        \
   FASTSEG_CPU_CLONES void name##_f_##Labels(const Tile<float>& tl, __VA_ARGS__ arg) { \
     name<float, Labels>(tl, arg);                                                     \
