@@ -1,9 +1,12 @@
 // CPU kernels of the fused Dice + cross-entropy statistics (maths in dice_ce.h).
 //
 // The voxels of each sample are cut into tiles of T voxels. A tile's logits are gathered once into a
-// (C, T) float buffer whatever the input layout (channels-first or channels-last, any dtype), so every
-// inner loop runs over T contiguous floats and vectorises; tiles are spread over threads with
-// at::parallel_for and each thread sums its tiles into private (B, C, 5) doubles, reduced in thread order.
+// (C, T) float buffer whatever the input layout (channels-first or channels-last, any dtype), taking each
+// voxel's class max on the way, so every inner loop runs over T contiguous floats and vectorises; the
+// backward writes a channels-first gradient from its last sweep. Tiles are spread over threads with
+// at::parallel_for; a thread's whole run of tiles (loads, label decoding, maths, stores) is one function
+// compiled per ISA level (run_at_best_isa), and each thread sums its tiles into private (B, C, 5) doubles,
+// reduced in thread order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -31,11 +34,10 @@ namespace {
 constexpr int64_t kNoBadLabel = std::numeric_limits<int64_t>::min();
 
 // One tile: logits x (C, T), exp buffer e (C, T), per-voxel class y and mask m, or a mask target g (C, T);
-// five scratch rows s0..s4 of T.
+// five scratch rows s0..s4 of T. For softmax, s0 holds the class max from the load on.
 template <typename T>
 struct Tile {
   int64_t C, n, ld;  // classes, voxels in this tile, leading dimension (= T)
-  bool squared;
   T* x;
   T* e;
   const T* g;
@@ -57,49 +59,30 @@ FASTSEG_TILE_INLINE T target_at(const Tile<T>& tl, int64_t c, int64_t t) {
   }
 }
 
-// mx[t] = max over classes of the tile's logits.
-template <typename T>
-FASTSEG_TILE_INLINE void class_max(const Tile<T>& tl, T* mx) {
-#pragma omp simd
-  for (int64_t t = 0; t < tl.n; ++t) mx[t] = tl.x[t];
-  for (int64_t c = 1; c < tl.C; ++c) {
-    const T* xc = tl.x + c * tl.ld;
-#pragma omp simd
-    for (int64_t t = 0; t < tl.n; ++t) mx[t] = max_(mx[t], xc[t]);
-  }
-}
-
-// Softmax pieces of a tile: e = exp(x - max), s1 = 1 / sum e, s2 = log-sum-exp.
-template <typename T>
-FASTSEG_TILE_INLINE void softmax_tile(const Tile<T>& tl) {
-  const int64_t n = tl.n, ld = tl.ld;
-  T* mx = tl.s0;
-  T* inv = tl.s1;
-  T* lse = tl.s2;
-  class_max(tl, mx);
-#pragma omp simd
-  for (int64_t t = 0; t < n; ++t) inv[t] = T(0);
-  for (int64_t c = 0; c < tl.C; ++c) {
-    const T* xc = tl.x + c * ld;
-    T* ec = tl.e + c * ld;
-#pragma omp simd
-    for (int64_t t = 0; t < n; ++t) {
-      ec[t] = exp_nonpos(xc[t] - mx[t]);
-      inv[t] += ec[t];
+// Calls f(std::bool_constant<labels>{}, std::bool_constant<squared>{}): both are compile-time constants in the
+// tile loops.
+template <typename F>
+FASTSEG_TILE_INLINE void with_flags(bool labels, bool squared, const F& f) {
+  auto with_squared = [&](auto labels_tag) FASTSEG_TILE_INLINE_LAMBDA {
+    if (squared) {
+      f(labels_tag, std::true_type{});
+    } else {
+      f(labels_tag, std::false_type{});
     }
-  }
-#pragma omp simd
-  for (int64_t t = 0; t < n; ++t) {
-    lse[t] = mx[t] + log_ge1(inv[t]);
-    inv[t] = T(1) / inv[t];
+  };
+  if (labels) {
+    with_squared(std::true_type{});
+  } else {
+    with_squared(std::false_type{});
   }
 }
 
 // Adds sum_t term(t) to st[0..5). Lane-wise partial sums: a vectorisable loop without needing
-// -fassociative-math (an `omp simd reduction` here defeats gcc's vectoriser).
+// -fassociative-math (an `omp simd reduction` here defeats gcc's vectoriser). 16 lanes fill an AVX-512
+// register per sum.
 template <typename T, typename F>
 FASTSEG_TILE_INLINE void add_terms(int64_t n, const F& term, T* st) {
-  constexpr int L = 8;
+  constexpr int L = 16;
   T acc[kNumStats][L] = {};
   int64_t t = 0;
   for (; t + L <= n; t += L) {
@@ -116,56 +99,76 @@ FASTSEG_TILE_INLINE void add_terms(int64_t n, const F& term, T* st) {
     for (int j = 0; j < L; ++j) st[k] += acc[k][j];
 }
 
-template <typename T, bool kLabels>
+// Two sweeps over the classes: e = exp(x - max) with the softmax sum, then the five sums. The mask m is 0 or 1
+// and a label target is 0 wherever m is, so m is folded into p and -log p once per voxel (bit-identical to
+// multiplying every term by m).
+template <typename T, bool kLabels, bool kSquared>
 FASTSEG_TILE_INLINE void softmax_forward(const Tile<T>& tl, T* st) {
-  softmax_tile(tl);
+  const int64_t n = tl.n, ld = tl.ld;
+  const T* mx = tl.s0;
+  T* pm = tl.s1;  // first the softmax sum, then m / sum
+  T* lse = tl.s2;
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) pm[t] = T(0);
   for (int64_t c = 0; c < tl.C; ++c) {
-    const T* xc = tl.x + c * tl.ld;
-    const T* ec = tl.e + c * tl.ld;
+    const T* xc = tl.x + c * ld;
+    T* ec = tl.e + c * ld;
+#pragma omp simd
+    for (int64_t t = 0; t < n; ++t) {
+      ec[t] = exp_nonpos(xc[t] - mx[t]);
+      pm[t] += ec[t];
+    }
+  }
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) {
+    lse[t] = mx[t] + log_ge1(pm[t]);
+    pm[t] = tl.m[t] / pm[t];
+  }
+  for (int64_t c = 0; c < tl.C; ++c) {
+    const T* xc = tl.x + c * ld;
+    const T* ec = tl.e + c * ld;
     add_terms(
-        tl.n,
+        n,
         [&](int64_t t) {
-          return softmax_terms(ec[t] * tl.s1[t], tl.s2[t] - xc[t], target_at<T, kLabels>(tl, c, t), tl.m[t],
-                               tl.squared);
+          return softmax_terms(ec[t] * pm[t], (lse[t] - xc[t]) * tl.m[t], target_at<T, kLabels>(tl, c, t), T(1),
+                               kSquared);
         },
         st + c * kNumStats);
   }
 }
 
-template <typename T, bool kLabels>
+template <typename T, bool kLabels, bool kSquared>
 FASTSEG_TILE_INLINE void sigmoid_forward(const Tile<T>& tl, T* st) {
   for (int64_t c = 0; c < tl.C; ++c) {
     const T* xc = tl.x + c * tl.ld;
     add_terms(
         tl.n,
         [&](int64_t t) {
-          return sigmoid_terms(sigmoid_of(xc[t]), target_at<T, kLabels>(tl, c, t), tl.m[t], tl.squared);
+          return sigmoid_terms(sigmoid_of(xc[t]), target_at<T, kLabels>(tl, c, t), tl.m[t], kSquared);
         },
         st + c * kNumStats);
   }
 }
 
-// Writes d loss / d x of the tile into tl.x. Two sweeps over the classes: the first computes e = exp(x - max)
-// and, alongside the softmax sum, the sums needed for sum_c p_c a_c = m (S1 / s + 2 S2 / s^2) with
-// S1 = sum_c e_c (gI_c g_c + [!squared] gP_c) and S2 = [squared] sum_c e_c^2 gP_c, and H / m = sum_c gA_c g_c + gU_c.
-template <typename T, bool kLabels>
-FASTSEG_TILE_INLINE void softmax_backward(const Tile<T>& tl, const T* gs) {
+// Writes d loss / d x of the tile to row c of dst at dst + c * dst_ld (the gradient itself, or tl.x).
+// Two sweeps over the classes: the first computes e = exp(x - max) and, alongside the softmax sum, the sums
+// needed for sum_c p_c a_c = m (S1 / s + 2 S2 / s^2) with S1 = sum_c e_c (gI_c g_c + [!squared] gP_c) and
+// S2 = [squared] sum_c e_c^2 gP_c, and H / m = sum_c gA_c g_c + gU_c.
+template <typename T, bool kLabels, bool kSquared, typename dst_t>
+FASTSEG_TILE_INLINE void softmax_backward(const Tile<T>& tl, const T* gs, dst_t* dst, int64_t dst_ld) {
   const int64_t n = tl.n, ld = tl.ld;
-  const bool sq = tl.squared;
-  T* mx = tl.s0;
+  const T* mx = tl.s0;
   T* sum = tl.s1;
   T* S1 = tl.s2;
   T* S2 = tl.s3;
   T* H = tl.s4;
-  class_max(tl, mx);
 #pragma omp simd
   for (int64_t t = 0; t < n; ++t) sum[t] = S1[t] = S2[t] = H[t] = T(0);
   for (int64_t c = 0; c < tl.C; ++c) {
     const T* xc = tl.x + c * ld;
     T* ec = tl.e + c * ld;
     const T* g = gs + c * kNumStats;
-    const T gP1 = sq ? T(0) : g[kP];
-    const T gP2 = sq ? g[kP] : T(0);
+    const T gP1 = kSquared ? T(0) : g[kP];
 #pragma omp simd
     for (int64_t t = 0; t < n; ++t) {
       const T e = exp_nonpos(xc[t] - mx[t]);
@@ -173,7 +176,7 @@ FASTSEG_TILE_INLINE void softmax_backward(const Tile<T>& tl, const T* gs) {
       ec[t] = e;
       sum[t] += e;
       S1[t] += e * (g[kI] * gt + gP1);
-      S2[t] += e * e * gP2;
+      if constexpr (kSquared) S2[t] += e * e * g[kP];
       H[t] += g[kA] * gt + g[kU];
     }
   }
@@ -186,101 +189,76 @@ FASTSEG_TILE_INLINE void softmax_backward(const Tile<T>& tl, const T* gs) {
   }
   for (int64_t c = 0; c < tl.C; ++c) {
     const T* ec = tl.e + c * ld;
-    T* dx = tl.x + c * ld;
+    dst_t* dx = dst + c * dst_ld;
     const T* g = gs + c * kNumStats;
 #pragma omp simd
     for (int64_t t = 0; t < n; ++t) {
       const T p = ec[t] * sum[t];
       const T gt = target_at<T, kLabels>(tl, c, t);
-      const T a = dice_dp(p, gt, tl.m[t], g[kI], g[kP], sq);
+      const T a = dice_dp(p, gt, tl.m[t], g[kI], g[kP], kSquared);
       const T h = softmax_ce_h(gt, tl.m[t], g[kA], g[kU]);
-      dx[t] = softmax_grad(p, a, h, S1[t], H[t]);
+      dx[t] = static_cast<dst_t>(softmax_grad(p, a, h, S1[t], H[t]));
     }
   }
 }
 
-template <typename T, bool kLabels>
-FASTSEG_TILE_INLINE void sigmoid_backward(const Tile<T>& tl, const T* gs) {
+template <typename T, bool kLabels, bool kSquared, typename dst_t>
+FASTSEG_TILE_INLINE void sigmoid_backward(const Tile<T>& tl, const T* gs, dst_t* dst, int64_t dst_ld) {
   const int64_t n = tl.n, ld = tl.ld;
   for (int64_t c = 0; c < tl.C; ++c) {
-    T* xc = tl.x + c * ld;
+    const T* xc = tl.x + c * ld;
+    dst_t* dx = dst + c * dst_ld;
     const T* g = gs + c * kNumStats;
 #pragma omp simd
     for (int64_t t = 0; t < n; ++t) {
-      xc[t] = sigmoid_grad(sigmoid_of(xc[t]).s, target_at<T, kLabels>(tl, c, t), tl.m[t], g[kI], g[kP], g[kA], g[kU],
-                           tl.squared);
+      dx[t] = static_cast<dst_t>(sigmoid_grad(sigmoid_of(xc[t]).s, target_at<T, kLabels>(tl, c, t), tl.m[t], g[kI],
+                                              g[kP], g[kA], g[kU], kSquared));
     }
   }
 }
 
-// float versions get ISA clones (FASTSEG_CPU_CLONES); double (gradcheck, float64 logits) uses the templates directly.
-#define FASTSEG_FLOAT_CLONE(name, Labels, ...)                                        \
-  FASTSEG_CPU_CLONES void name##_f_##Labels(const Tile<float>& tl, __VA_ARGS__ arg) { \
-    name<float, Labels>(tl, arg);                                                     \
-  }
-FASTSEG_FLOAT_CLONE(softmax_forward, true, float*)
-FASTSEG_FLOAT_CLONE(softmax_forward, false, float*)
-FASTSEG_FLOAT_CLONE(sigmoid_forward, true, float*)
-FASTSEG_FLOAT_CLONE(sigmoid_forward, false, float*)
-FASTSEG_FLOAT_CLONE(softmax_backward, true, const float*)
-FASTSEG_FLOAT_CLONE(softmax_backward, false, const float*)
-FASTSEG_FLOAT_CLONE(sigmoid_backward, true, const float*)
-FASTSEG_FLOAT_CLONE(sigmoid_backward, false, const float*)
-#undef FASTSEG_FLOAT_CLONE
-
-template <typename T, bool kLabels, bool kSoftmax>
-void run_forward(const Tile<T>& tl, T* st) {
-  if constexpr (std::is_same_v<T, float>) {
-    if constexpr (kSoftmax) {
-      kLabels ? softmax_forward_f_true(tl, st) : softmax_forward_f_false(tl, st);
-    } else {
-      kLabels ? sigmoid_forward_f_true(tl, st) : sigmoid_forward_f_false(tl, st);
-    }
-  } else if constexpr (kSoftmax) {
-    softmax_forward<T, kLabels>(tl, st);
-  } else {
-    sigmoid_forward<T, kLabels>(tl, st);
-  }
-}
-
-template <typename T, bool kLabels, bool kSoftmax>
-void run_backward(const Tile<T>& tl, const T* gs) {
-  if constexpr (std::is_same_v<T, float>) {
-    if constexpr (kSoftmax) {
-      kLabels ? softmax_backward_f_true(tl, gs) : softmax_backward_f_false(tl, gs);
-    } else {
-      kLabels ? sigmoid_backward_f_true(tl, gs) : sigmoid_backward_f_false(tl, gs);
-    }
-  } else if constexpr (kSoftmax) {
-    softmax_backward<T, kLabels>(tl, gs);
-  } else {
-    sigmoid_backward<T, kLabels>(tl, gs);
-  }
-}
-
-// Copies a (C, n) block of a strided (B, C, N) tensor into a (C, ld) buffer, or back.
-template <typename src_t, typename dst_t>
-void gather(const src_t* base, Strides s, int64_t C, int64_t n, int64_t ld, dst_t* out) {
+// Copies a (C, n) block of a strided (B, C, N) tensor into a (C, ld) buffer; with kMax, also the class max of
+// each voxel into mx.
+template <bool kMax, typename src_t, typename dst_t>
+FASTSEG_TILE_INLINE void gather(const src_t* base, Strides s, int64_t C, int64_t n, int64_t ld, dst_t* out,
+                                dst_t* mx) {
   if (s.n == 1) {
-    for (int64_t c = 0; c < C; ++c)
+    for (int64_t c = 0; c < C; ++c) {
+      const src_t* src = base + c * s.c;
+      dst_t* o = out + c * ld;
+      if (!kMax) {
 #pragma omp simd
-      for (int64_t t = 0; t < n; ++t) out[c * ld + t] = static_cast<dst_t>(base[c * s.c + t]);
+        for (int64_t t = 0; t < n; ++t) o[t] = static_cast<dst_t>(src[t]);
+      } else if (c == 0) {
+#pragma omp simd
+        for (int64_t t = 0; t < n; ++t) o[t] = mx[t] = static_cast<dst_t>(src[t]);
+      } else {
+#pragma omp simd
+        for (int64_t t = 0; t < n; ++t) {
+          const dst_t v = static_cast<dst_t>(src[t]);
+          o[t] = v;
+          mx[t] = max_(mx[t], v);
+        }
+      }
+    }
   } else {
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t c = 0; c < C; ++c) out[c * ld + t] = static_cast<dst_t>(base[c * s.c + t * s.n]);
+    for (int64_t t = 0; t < n; ++t) {
+      const src_t* src = base + t * s.n;
+      dst_t m = static_cast<dst_t>(src[0]);
+      for (int64_t c = 0; c < C; ++c) {
+        const dst_t v = static_cast<dst_t>(src[c * s.c]);
+        out[c * ld + t] = v;
+        m = max_(m, v);
+      }
+      if (kMax) mx[t] = m;
+    }
   }
 }
 
 template <typename src_t, typename dst_t>
-void scatter(const src_t* in, int64_t C, int64_t n, int64_t ld, dst_t* base, Strides s) {
-  if (s.n == 1) {
-    for (int64_t c = 0; c < C; ++c)
-#pragma omp simd
-      for (int64_t t = 0; t < n; ++t) base[c * s.c + t] = static_cast<dst_t>(in[c * ld + t]);
-  } else {
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t c = 0; c < C; ++c) base[c * s.c + t * s.n] = static_cast<dst_t>(in[c * ld + t]);
-  }
+FASTSEG_TILE_INLINE void scatter(const src_t* in, int64_t C, int64_t n, int64_t ld, dst_t* base, Strides s) {
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t c = 0; c < C; ++c) base[c * s.c + t * s.n] = static_cast<dst_t>(in[c * ld + t]);
 }
 
 int64_t tile_size(int64_t C) {
@@ -289,76 +267,124 @@ int64_t tile_size(int64_t C) {
   return std::clamp<int64_t>(t / 16 * 16, 16, 256);
 }
 
+// Loading one tile's target (n voxels from `first`, whose element type the function knows): labels give
+// y (class or -1) and m (1, or 0 where ignored); a mask gives g (C, ld) and m = 1. Returns the first bad
+// label seen, or kNoBadLabel. Type-erased so that the ISA-compiled tile loops are instantiated per logits
+// type only, not per logits x target type.
+template <typename T>
+using TargetLoad = int64_t (*)(const void* first, Strides s, const Problem& pb, int64_t n, int64_t ld, int32_t* y,
+                               T* m, T* g);
+
+// Branch-free decode (vectorises); the rare bad label is located by a second, scalar look.
+template <typename tgt_t, typename T>
+int64_t load_labels(const void* first, Strides s, const Problem& pb, int64_t n, int64_t, int32_t* y, T* m, T*) {
+  const tgt_t* lab = static_cast<const tgt_t*>(first);
+  int32_t any_bad = 0;
+  run_at_best_isa(
+      [&](int64_t, int64_t) FASTSEG_TILE_INLINE_LAMBDA {
+        // Locals, not the captures, in the loop: stores through y and m could otherwise alias them.
+        const int64_t C = pb.C, ign = pb.ignore_index, stride = s.n, count = n;
+        const bool has_ign = pb.has_ignore;
+        int32_t* __restrict yd = y;
+        T* __restrict md = m;
+        int32_t flag = 0;
+        for (int64_t t = 0; t < count; ++t) {
+          const int64_t raw = static_cast<int64_t>(lab[t * stride]);
+          const bool ignored = has_ign && raw == ign;
+          const bool in_range = raw >= 0 && raw < C;
+          flag |= static_cast<int32_t>(!ignored && !in_range);
+          const int32_t yt = (!ignored && in_range) ? static_cast<int32_t>(raw) : -1;
+          yd[t] = yt;
+          md[t] = yt >= 0 ? T(1) : T(0);
+        }
+        any_bad = flag;
+      },
+      0, n);
+  if (any_bad) {
+    for (int64_t t = 0; t < n; ++t) {
+      bool is_bad = false;
+      const int64_t raw = static_cast<int64_t>(lab[t * s.n]);
+      decode_label(raw, pb, is_bad);
+      if (is_bad) return raw;
+    }
+  }
+  return kNoBadLabel;
+}
+
+template <typename tgt_t, typename T>
+int64_t load_mask(const void* first, Strides s, const Problem& pb, int64_t n, int64_t ld, int32_t*, T* m, T* g) {
+  run_at_best_isa(
+      [&](int64_t, int64_t) FASTSEG_TILE_INLINE_LAMBDA {
+        gather<false>(static_cast<const tgt_t*>(first), s, pb.C, n, ld, g, static_cast<T*>(nullptr));
+        T* __restrict md = m;
+        for (int64_t t = 0, count = n; t < count; ++t) md[t] = T(1);
+      },
+      0, n);
+  return kNoBadLabel;
+}
+
+// The loader of a target tensor's dtype: integer labels when (B, N), a uint8 or float mask when (B, C, N).
+template <typename T>
+TargetLoad<T> target_loader(const at::Tensor& target) {
+  if (!target_is_labels(target)) {
+    return target.scalar_type() == at::kByte ? &load_mask<uint8_t, T> : &load_mask<T, T>;
+  }
+  TargetLoad<T> fn = nullptr;
+  AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "fastseg_dice_ce_labels", [&] { fn = &load_labels<scalar_t, T>; });
+  return fn;
+}
+
 // Per-thread buffers and the loading of one tile; tiles never straddle two samples.
-template <typename scalar_t, typename T, typename tgt_t, bool kLabels>
+template <typename scalar_t, typename T, bool kSoftmax>
 struct TileLoader {
   const Problem& pb;
   const scalar_t* logits;
   Strides ls;
-  const tgt_t* target;
+  const char* target;
   Strides ts;
+  int64_t target_size;
+  TargetLoad<T> load_target;
   int64_t ld, tiles_per_sample;
   std::vector<T> buf;
   std::vector<int32_t> y;
   int64_t bad = kNoBadLabel;
 
-  TileLoader(const Problem& pb_, const scalar_t* l, Strides ls_, const tgt_t* tg, Strides ts_)
-      : pb(pb_), logits(l), ls(ls_), target(tg), ts(ts_) {
+  TileLoader(const Problem& pb_, const at::Tensor& l, const at::Tensor& tg, TargetLoad<T> load_target_)
+      : pb(pb_),
+        logits(l.const_data_ptr<scalar_t>()),
+        ls(strides_of(l)),
+        target(static_cast<const char*>(tg.const_data_ptr())),
+        ts(strides_of(tg)),
+        target_size(tg.element_size()),
+        load_target(load_target_) {
     ld = tile_size(pb.C);
     tiles_per_sample = (pb.N + ld - 1) / ld;
-    buf.assign((kLabels ? 2 : 3) * pb.C * ld + 6 * ld, T(0));
-    y.assign(kLabels ? ld : 0, -1);
+    buf.assign(3 * pb.C * ld + 6 * ld, T(0));
+    y.assign(ld, -1);
   }
 
-  // Branch-free decode (vectorises); the rare bad label is located by a second, scalar look.
-  void load_labels(const tgt_t* lab, int64_t stride, int64_t n, T* m) {
-    const int64_t C = pb.C, ign = pb.ignore_index;
-    const bool has_ign = pb.has_ignore;
-    int32_t any_bad = 0;
-    for (int64_t t = 0; t < n; ++t) {
-      const int64_t raw = static_cast<int64_t>(lab[t * stride]);
-      const bool ignored = has_ign && raw == ign;
-      const bool in_range = raw >= 0 && raw < C;
-      any_bad |= static_cast<int32_t>(!ignored && !in_range);
-      y[t] = (!ignored && in_range) ? static_cast<int32_t>(raw) : -1;
-      m[t] = y[t] >= 0 ? T(1) : T(0);
-    }
-    if (any_bad && bad == kNoBadLabel) {
-      for (int64_t t = 0; t < n; ++t) {
-        bool is_bad = false;
-        const int64_t raw = static_cast<int64_t>(lab[t * stride]);
-        decode_label(raw, pb, is_bad);
-        if (is_bad) {
-          bad = raw;
-          break;
-        }
-      }
-    }
-  }
+  int64_t first_voxel(int64_t tile) const { return (tile % tiles_per_sample) * ld; }
 
-  Tile<T> load(int64_t tile, int64_t& b) {
+  const char* target_at_voxel(int64_t b, int64_t v) const { return target + (b * ts.b + v * ts.n) * target_size; }
+
+  FASTSEG_TILE_INLINE Tile<T> load(int64_t tile, int64_t& b) {
     b = tile / tiles_per_sample;
-    const int64_t v0 = (tile % tiles_per_sample) * ld;
+    const int64_t v0 = first_voxel(tile);
     const int64_t n = std::min(ld, pb.N - v0);
     T* x = buf.data();
     T* e = x + pb.C * ld;
-    T* m = e + pb.C * ld;
-    T* g = m + ld;
-    Tile<T> tl{pb.C, n, ld, pb.squared, x, e, nullptr, y.data(), m, g, g + ld, g + 2 * ld, g + 3 * ld, g + 4 * ld};
-    gather(logits + b * ls.b + v0 * ls.n, ls, pb.C, n, ld, x);
-    if constexpr (kLabels) {
-      load_labels(target + b * ts.b + v0 * ts.n, ts.n, n, m);
-    } else {
-      T* gm = g + 5 * ld;
-      gather(target + b * ts.b + v0 * ts.n, ts, pb.C, n, ld, gm);
-      tl.g = gm;
-      for (int64_t t = 0; t < n; ++t) m[t] = T(1);
-    }
+    T* g = e + pb.C * ld;
+    T* m = g + pb.C * ld;
+    T* s = m + ld;
+    Tile<T> tl{pb.C, n, ld, x, e, g, y.data(), m, s, s + ld, s + 2 * ld, s + 3 * ld, s + 4 * ld};
+    gather<kSoftmax>(logits + b * ls.b + v0 * ls.n, ls, pb.C, n, ld, x, tl.s0);
+    const int64_t found = load_target(target_at_voxel(b, v0), ts, pb, n, ld, y.data(), m, g);
+    if (bad == kNoBadLabel) bad = found;
     return tl;
   }
 };
 
-template <typename scalar_t, typename T, typename tgt_t, bool kLabels, bool kSoftmax>
+template <typename scalar_t, typename T, bool kSoftmax>
 void forward_impl(const at::Tensor& logits, const at::Tensor& target, const Problem& pb, at::Tensor& stats) {
   const int64_t nthreads = at::get_num_threads();
   const int64_t per = pb.B * pb.C * kNumStats;
@@ -367,21 +393,34 @@ void forward_impl(const at::Tensor& logits, const at::Tensor& target, const Prob
   const int64_t ld = tile_size(pb.C);
   const int64_t tiles = pb.B * ((pb.N + ld - 1) / ld);
   const int64_t grain = std::max<int64_t>(1, 32768 / (ld * pb.C));
+  const TargetLoad<T> load_target = target_loader<T>(target);
+  const bool labels = target_is_labels(target);
 
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     const int64_t tid = at::get_thread_num();
-    TileLoader<scalar_t, T, tgt_t, kLabels> loader(pb, logits.const_data_ptr<scalar_t>(), strides_of(logits),
-                                                   target.const_data_ptr<tgt_t>(), strides_of(target));
+    TileLoader<scalar_t, T, kSoftmax> loader(pb, logits, target, load_target);
     std::vector<T> st(pb.C * kNumStats);
     double* acc = partial.data() + tid * per;
-    for (int64_t tile = begin; tile < end; ++tile) {
-      int64_t b;
-      const Tile<T> tl = loader.load(tile, b);
-      std::fill(st.begin(), st.end(), T(0));
-      run_forward<T, kLabels, kSoftmax>(tl, st.data());
-      double* out = acc + b * pb.C * kNumStats;
-      for (int64_t i = 0; i < pb.C * kNumStats; ++i) out[i] += static_cast<double>(st[i]);
-    }
+    auto tiles_with = [&](auto labels_tag, auto squared_tag) FASTSEG_TILE_INLINE_LAMBDA {
+      constexpr bool kLabels = decltype(labels_tag)::value, kSq = decltype(squared_tag)::value;
+      run_at_best_isa(
+          [&](int64_t first, int64_t last) FASTSEG_TILE_INLINE_LAMBDA {
+            for (int64_t tile = first; tile < last; ++tile) {
+              int64_t b;
+              const Tile<T> tl = loader.load(tile, b);
+              for (T& v : st) v = T(0);
+              if constexpr (kSoftmax) {
+                softmax_forward<T, kLabels, kSq>(tl, st.data());
+              } else {
+                sigmoid_forward<T, kLabels, kSq>(tl, st.data());
+              }
+              double* out = acc + b * pb.C * kNumStats;
+              for (int64_t i = 0; i < pb.C * kNumStats; ++i) out[i] += static_cast<double>(st[i]);
+            }
+          },
+          begin, end);
+    };
+    with_flags(labels, pb.squared, tiles_with);
     bad[tid] = loader.bad;
   });
 
@@ -398,7 +437,9 @@ void forward_impl(const at::Tensor& logits, const at::Tensor& target, const Prob
   }
 }
 
-template <typename scalar_t, typename T, typename tgt_t, bool kLabels, bool kSoftmax>
+// A channels-first gradient (unit voxel stride) is written by the last sweep itself; any other layout goes
+// through the tile buffer and a scatter.
+template <typename scalar_t, typename T, bool kSoftmax>
 void backward_impl(const at::Tensor& grad_stats, const at::Tensor& logits, const at::Tensor& target,
                    const Problem& pb, at::Tensor& grad) {
   const int64_t ld = tile_size(pb.C);
@@ -406,48 +447,51 @@ void backward_impl(const at::Tensor& grad_stats, const at::Tensor& logits, const
   const int64_t grain = std::max<int64_t>(1, 32768 / (ld * pb.C));
   const T* gs = grad_stats.const_data_ptr<T>();
   const Strides gst = strides_of(grad);
+  scalar_t* const gbase = grad.data_ptr<scalar_t>();
+  const TargetLoad<T> load_target = target_loader<T>(target);
+  const bool labels = target_is_labels(target);
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    TileLoader<scalar_t, T, tgt_t, kLabels> loader(pb, logits.const_data_ptr<scalar_t>(), strides_of(logits),
-                                                   target.const_data_ptr<tgt_t>(), strides_of(target));
-    for (int64_t tile = begin; tile < end; ++tile) {
-      int64_t b;
-      const Tile<T> tl = loader.load(tile, b);
-      run_backward<T, kLabels, kSoftmax>(tl, gs + b * pb.C * kNumStats);
-      const int64_t v0 = (tile % loader.tiles_per_sample) * ld;
-      scatter(tl.x, pb.C, tl.n, ld, grad.data_ptr<scalar_t>() + b * gst.b + v0 * gst.n, gst);
-    }
+    TileLoader<scalar_t, T, kSoftmax> loader(pb, logits, target, load_target);
+    auto tiles_with = [&](auto labels_tag, auto squared_tag) FASTSEG_TILE_INLINE_LAMBDA {
+      constexpr bool kLabels = decltype(labels_tag)::value, kSq = decltype(squared_tag)::value;
+      run_at_best_isa(
+          [&](int64_t first, int64_t last) FASTSEG_TILE_INLINE_LAMBDA {
+            for (int64_t tile = first; tile < last; ++tile) {
+              int64_t b;
+              const Tile<T> tl = loader.load(tile, b);
+              const T* g = gs + b * pb.C * kNumStats;
+              scalar_t* out = gbase + b * gst.b + loader.first_voxel(tile) * gst.n;
+              if (gst.n == 1) {
+                if constexpr (kSoftmax) {
+                  softmax_backward<T, kLabels, kSq>(tl, g, out, gst.c);
+                } else {
+                  sigmoid_backward<T, kLabels, kSq>(tl, g, out, gst.c);
+                }
+              } else {
+                if constexpr (kSoftmax) {
+                  softmax_backward<T, kLabels, kSq>(tl, g, tl.x, tl.ld);
+                } else {
+                  sigmoid_backward<T, kLabels, kSq>(tl, g, tl.x, tl.ld);
+                }
+                scatter(tl.x, pb.C, tl.n, tl.ld, out, gst);
+              }
+            }
+          },
+          begin, end);
+    };
+    with_flags(labels, pb.squared, tiles_with);
   });
 }
 
-template <typename X>
-struct TypeTag {
-  using type = X;
-};
-
-// Calls f.template operator()<scalar_t, acc_t, tgt_t, kLabels, kSoftmax>() for the runtime types.
+// Calls f.template operator()<scalar_t, acc_t, kSoftmax>() for the runtime logits dtype and activation.
 template <typename F>
-void dispatch(const at::Tensor& logits, const at::Tensor& target, int64_t activation, F&& f) {
-  const bool labels = target_is_labels(target);
+void dispatch(const at::Tensor& logits, int64_t activation, F&& f) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fastseg_dice_ce", [&] {
-    using scalar_t_ = scalar_t;
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t_, double>, double, float>;
-    auto by_activation = [&](auto tgt_tag, auto labels_tag) {
-      using tgt_t = typename decltype(tgt_tag)::type;
-      constexpr bool kLabels = decltype(labels_tag)::value;
-      if (activation == kSoftmax) {
-        f.template operator()<scalar_t_, acc_t, tgt_t, kLabels, true>();
-      } else {
-        f.template operator()<scalar_t_, acc_t, tgt_t, kLabels, false>();
-      }
-    };
-    if (labels) {
-      AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "fastseg_dice_ce_labels", [&] {
-        by_activation(TypeTag<scalar_t>{}, std::true_type{});
-      });
-    } else if (target.scalar_type() == at::kByte) {
-      by_activation(TypeTag<uint8_t>{}, std::false_type{});
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    if (activation == kSoftmax) {
+      f.template operator()<scalar_t, acc_t, true>();
     } else {
-      by_activation(TypeTag<acc_t>{}, std::false_type{});
+      f.template operator()<scalar_t, acc_t, false>();
     }
   });
 }
@@ -477,9 +521,9 @@ struct ForwardFn {
   const at::Tensor& target;
   const Problem& pb;
   at::Tensor& stats;
-  template <typename s_t, typename a_t, typename t_t, bool L, bool S>
+  template <typename s_t, typename a_t, bool S>
   void operator()() const {
-    forward_impl<s_t, a_t, t_t, L, S>(logits, target, pb, stats);
+    forward_impl<s_t, a_t, S>(logits, target, pb, stats);
   }
 };
 
@@ -489,9 +533,9 @@ struct BackwardFn {
   const at::Tensor& target;
   const Problem& pb;
   at::Tensor& grad;
-  template <typename s_t, typename a_t, typename t_t, bool L, bool S>
+  template <typename s_t, typename a_t, bool S>
   void operator()() const {
-    backward_impl<s_t, a_t, t_t, L, S>(grad_stats, logits, target, pb, grad);
+    backward_impl<s_t, a_t, S>(grad_stats, logits, target, pb, grad);
   }
 };
 
@@ -502,7 +546,7 @@ at::Tensor dice_ce_stats_cpu(const at::Tensor& logits, const at::Tensor& target_
   const Problem pb = make_problem(logits, ignore_index, squared_pred);
   at::Tensor stats = at::zeros({pb.B, pb.C, kNumStats}, logits.options().dtype(stats_dtype(logits)));
   if (pb.B == 0 || pb.N == 0) return stats;
-  dispatch(logits, target, activation, ForwardFn{logits, target, pb, stats});
+  dispatch(logits, activation, ForwardFn{logits, target, pb, stats});
   return stats;
 }
 
@@ -516,7 +560,7 @@ at::Tensor dice_ce_stats_backward_cpu(const at::Tensor& grad_stats, const at::Te
   at::Tensor grad = empty_like_for_gradient(logits);
   if (grad.numel() == 0) return grad;
   const at::Tensor gs = grad_stats.to(stats_dtype(logits)).contiguous();
-  dispatch(logits, target, activation, BackwardFn{gs, logits, target, pb, grad});
+  dispatch(logits, activation, BackwardFn{gs, logits, target, pb, grad});
   return grad;
 }
 
