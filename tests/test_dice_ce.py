@@ -208,6 +208,19 @@ def test_layouts_channels_last_and_non_contiguous():
     torch.testing.assert_close(dice_ce_loss(x, t_nc, **opts), ref)
 
 
+@needs_ext
+def test_large_gradient_takes_the_streaming_path_correctly():
+    # A float32 gradient of 16 MB or more is written with streaming stores (csrc/common/cpu_stream.h); the odd
+    # voxel count leaves the class rows unaligned, so their copied ends are covered as well.
+    x, t = make_inputs((1, 3, 1_400_001), dtype=torch.float32, seed=7, absent=())
+    gs = torch.randn(1, 3, 5, generator=torch.Generator().manual_seed(8))
+    got = torch.ops.fastseg.dice_ce_stats_backward(gs, x, t, 0, None, False)
+    assert got.nbytes >= 16 << 20
+    xr = x.double().requires_grad_()
+    (ref,) = torch.autograd.grad((_reference.dice_ce_stats(xr, t, 0, None, False) * gs.double()).sum(), xr)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-6)
+
+
 def test_channels_last_gradient_keeps_layout():
     x, t = make_inputs((2, 3, 4, 5, 6), dtype=torch.float32)
     v = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()

@@ -26,6 +26,7 @@
 #endif
 
 #include "../common/cpu_dispatch.h"
+#include "../common/cpu_stream.h"
 
 namespace fastseg {
 namespace dice_ce {
@@ -437,8 +438,10 @@ void forward_impl(const at::Tensor& logits, const at::Tensor& target, const Prob
   }
 }
 
-// A channels-first gradient (unit voxel stride) is written by the last sweep itself; any other layout goes
-// through the tile buffer and a scatter.
+// A channels-first gradient (unit voxel stride) is written by the last sweep itself, unless it is large enough
+// to be streamed (worth_streaming): then each tile's rows go through a staging buffer and streaming stores,
+// which at (2, 8, 96^3) save the read of every gradient line before its write. Other layouts are staged and
+// scattered.
 template <typename scalar_t, typename T, bool kSoftmax>
 void backward_impl(const at::Tensor& grad_stats, const at::Tensor& logits, const at::Tensor& target,
                    const Problem& pb, at::Tensor& grad) {
@@ -450,8 +453,12 @@ void backward_impl(const at::Tensor& grad_stats, const at::Tensor& logits, const
   scalar_t* const gbase = grad.data_ptr<scalar_t>();
   const TargetLoad<T> load_target = target_loader<T>(target);
   const bool labels = target_is_labels(target);
+  const bool stream = gst.n == 1 && worth_streaming(static_cast<int64_t>(grad.nbytes()));
+  const bool direct = gst.n == 1 && !stream;
+  const RowCopy copy_rows = stream_rows();
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     TileLoader<scalar_t, T, kSoftmax> loader(pb, logits, target, load_target);
+    std::vector<scalar_t> stage(direct ? 0 : pb.C * ld);
     auto tiles_with = [&](auto labels_tag, auto squared_tag) FASTSEG_TILE_INLINE_LAMBDA {
       constexpr bool kLabels = decltype(labels_tag)::value, kSq = decltype(squared_tag)::value;
       run_at_best_isa(
@@ -461,25 +468,26 @@ void backward_impl(const at::Tensor& grad_stats, const at::Tensor& logits, const
               const Tile<T> tl = loader.load(tile, b);
               const T* g = gs + b * pb.C * kNumStats;
               scalar_t* out = gbase + b * gst.b + loader.first_voxel(tile) * gst.n;
-              if (gst.n == 1) {
-                if constexpr (kSoftmax) {
-                  softmax_backward<T, kLabels, kSq>(tl, g, out, gst.c);
-                } else {
-                  sigmoid_backward<T, kLabels, kSq>(tl, g, out, gst.c);
-                }
+              scalar_t* dst = direct ? out : stage.data();
+              const int64_t dst_ld = direct ? gst.c : ld;
+              if constexpr (kSoftmax) {
+                softmax_backward<T, kLabels, kSq>(tl, g, dst, dst_ld);
               } else {
-                if constexpr (kSoftmax) {
-                  softmax_backward<T, kLabels, kSq>(tl, g, tl.x, tl.ld);
-                } else {
-                  sigmoid_backward<T, kLabels, kSq>(tl, g, tl.x, tl.ld);
-                }
-                scatter(tl.x, pb.C, tl.n, tl.ld, out, gst);
+                sigmoid_backward<T, kLabels, kSq>(tl, g, dst, dst_ld);
+              }
+              if (stream) {
+                constexpr int64_t kSize = sizeof(scalar_t);
+                copy_rows(reinterpret_cast<const char*>(dst), ld * kSize, reinterpret_cast<char*>(out), gst.c * kSize,
+                          pb.C, tl.n * kSize);
+              } else if (!direct) {
+                scatter(dst, pb.C, tl.n, ld, out, gst);
               }
             }
           },
           begin, end);
     };
     with_flags(labels, pb.squared, tiles_with);
+    if (stream) stream_fence();
   });
 }
 
