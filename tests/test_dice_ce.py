@@ -74,8 +74,12 @@ def test_stats_op_low_precision_accumulates_in_float32(dtype):
     assert ker.dtype == torch.float32
     ref = _reference.dice_ce_stats(xl.double(), t, 0, None, False)
     torch.testing.assert_close(ker.double(), ref, rtol=2e-5, atol=1e-2)
-    g = torch.ops.fastseg.dice_ce_stats_backward(torch.randn(2, 6, 5), xl, t, 0, None, False)
+    gs = torch.randn(2, 6, 5)
+    g = torch.ops.fastseg.dice_ce_stats_backward(gs, xl, t, 0, None, False)
     assert g.dtype == dtype and g.shape == xl.shape
+    # the float32 maths on the same values, rounded to the logits' dtype once and exactly as torch rounds
+    g32 = torch.ops.fastseg.dice_ce_stats_backward(gs, xl.float(), t, 0, None, False)
+    assert torch.equal(g, g32.to(dtype))
 
 
 # --- the loss against an independent float64 formulation ------------------------------------------

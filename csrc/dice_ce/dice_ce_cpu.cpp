@@ -25,6 +25,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "../common/cpu_convert.h"
 #include "../common/cpu_dispatch.h"
 #include "../common/cpu_stream.h"
 
@@ -198,7 +199,7 @@ FASTSEG_TILE_INLINE void softmax_backward(const Tile<T>& tl, const T* gs, dst_t*
       const T gt = target_at<T, kLabels>(tl, c, t);
       const T a = dice_dp(p, gt, tl.m[t], g[kI], g[kP], kSquared);
       const T h = softmax_ce_h(gt, tl.m[t], g[kA], g[kU]);
-      dx[t] = static_cast<dst_t>(softmax_grad(p, a, h, S1[t], H[t]));
+      dx[t] = convert_to<dst_t>(softmax_grad(p, a, h, S1[t], H[t]));
     }
   }
 }
@@ -212,8 +213,8 @@ FASTSEG_TILE_INLINE void sigmoid_backward(const Tile<T>& tl, const T* gs, dst_t*
     const T* g = gs + c * kNumStats;
 #pragma omp simd
     for (int64_t t = 0; t < n; ++t) {
-      dx[t] = static_cast<dst_t>(sigmoid_grad(sigmoid_of(xc[t]).s, target_at<T, kLabels>(tl, c, t), tl.m[t], g[kI],
-                                              g[kP], g[kA], g[kU], kSquared));
+      dx[t] = convert_to<dst_t>(sigmoid_grad(sigmoid_of(xc[t]).s, target_at<T, kLabels>(tl, c, t), tl.m[t], g[kI],
+                                             g[kP], g[kA], g[kU], kSquared));
     }
   }
 }
@@ -259,7 +260,7 @@ FASTSEG_TILE_INLINE void gather(const src_t* base, Strides s, int64_t C, int64_t
 template <typename src_t, typename dst_t>
 FASTSEG_TILE_INLINE void scatter(const src_t* in, int64_t C, int64_t n, int64_t ld, dst_t* base, Strides s) {
   for (int64_t t = 0; t < n; ++t)
-    for (int64_t c = 0; c < C; ++c) base[c * s.c + t * s.n] = static_cast<dst_t>(in[c * ld + t]);
+    for (int64_t c = 0; c < C; ++c) base[c * s.c + t * s.n] = convert_to<dst_t>(in[c * ld + t]);
 }
 
 int64_t tile_size(int64_t C) {
