@@ -213,6 +213,21 @@ def test_layouts_channels_last_and_non_contiguous():
 
 
 @needs_ext
+def test_stats_do_not_depend_on_the_thread_count():
+    # the CPU kernel sums per chunk of tiles and adds the chunks in a fixed order, whichever thread did which
+    x, t = make_inputs((2, 4, 200_000), dtype=torch.float32, seed=9)
+    before = torch.get_num_threads()
+    try:
+        stats = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            stats.append(torch.ops.fastseg.dice_ce_stats(x, t, 0, None, False))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(stats[0], s) for s in stats[1:])
+
+
+@needs_ext
 def test_large_gradient_takes_the_streaming_path_correctly():
     # A float32 gradient of 16 MB or more is written with streaming stores (csrc/common/cpu_stream.h); the odd
     # voxel count leaves the class rows unaligned, so their copied ends are covered as well.

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <limits>
 #include <type_traits>
@@ -386,27 +387,63 @@ struct TileLoader {
   }
 };
 
+// The work of one sample is cut into chunks of whole tiles, handed out one at a time from a shared counter
+// rather than split evenly between the threads up front: a thread whose core is busy with something else
+// then takes fewer chunks instead of holding up the step. The chunk size depends on the problem only.
+struct Chunks {
+  int64_t tiles_per_sample, tiles_per_chunk, per_sample, count;
+
+  Chunks(const Problem& pb, int64_t ld) {
+    tiles_per_sample = (pb.N + ld - 1) / ld;
+    // ~64k logits a chunk (a few hundred microseconds of work), and at most ~256 chunks a sample.
+    tiles_per_chunk = std::max({int64_t{1}, 65536 / (ld * pb.C), (tiles_per_sample + 255) / 256});
+    per_sample = (tiles_per_sample + tiles_per_chunk - 1) / tiles_per_chunk;
+    count = pb.B * per_sample;
+  }
+
+  // Tiles [begin, end) of chunk k (tile indices count over all samples, as TileLoader::load takes them).
+  void tiles_of(int64_t k, int64_t& begin, int64_t& end) const {
+    const int64_t b = k / per_sample, first = (k % per_sample) * tiles_per_chunk;
+    begin = b * tiles_per_sample + first;
+    end = b * tiles_per_sample + std::min(tiles_per_sample, first + tiles_per_chunk);
+  }
+};
+
+// Calls worker(next) once on each of up to at::get_num_threads() threads (one per 32k logits at most, so that
+// small problems stay on the calling thread), where next(k) sets k to the next chunk not yet taken and
+// returns false when there is none left.
+template <typename Worker>
+void run_chunks(const Problem& pb, const Chunks& chunks, const Worker& worker) {
+  std::atomic<int64_t> counter{0};
+  auto next = [&](int64_t& k) {
+    k = counter.fetch_add(1, std::memory_order_relaxed);
+    return k < chunks.count;
+  };
+  const int64_t workers = std::min({int64_t{at::get_num_threads()}, chunks.count, 1 + pb.B * pb.C * pb.N / 32768});
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(next); });
+}
+
+// Each chunk sums its tiles into its own (C, 5) doubles; a sample's chunks are then added in chunk order, so
+// the result is the same whatever thread did which chunk, and for any number of threads.
 template <typename scalar_t, typename T, bool kSoftmax>
 void forward_impl(const at::Tensor& logits, const at::Tensor& target, const Problem& pb, at::Tensor& stats) {
-  const int64_t nthreads = at::get_num_threads();
-  const int64_t per = pb.B * pb.C * kNumStats;
-  std::vector<double> partial(nthreads * per, 0.0);
-  std::vector<int64_t> bad(nthreads, kNoBadLabel);
   const int64_t ld = tile_size(pb.C);
-  const int64_t tiles = pb.B * ((pb.N + ld - 1) / ld);
-  const int64_t grain = std::max<int64_t>(1, 32768 / (ld * pb.C));
+  const Chunks chunks(pb, ld);
+  const int64_t per = pb.C * kNumStats;
+  std::vector<double> partial(chunks.count * per, 0.0);
+  std::vector<int64_t> bad(chunks.count, kNoBadLabel);
   const TargetLoad<T> load_target = target_loader<T>(target);
   const bool labels = target_is_labels(target);
 
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    const int64_t tid = at::get_thread_num();
+  run_chunks(pb, chunks, [&](const auto& next) {
     TileLoader<scalar_t, T, kSoftmax> loader(pb, logits, target, load_target);
-    std::vector<T> st(pb.C * kNumStats);
-    double* acc = partial.data() + tid * per;
+    std::vector<T> st(per);
+    int64_t k, begin, end;
     auto tiles_with = [&](auto labels_tag, auto squared_tag) FASTSEG_TILE_INLINE_LAMBDA {
       constexpr bool kLabels = decltype(labels_tag)::value, kSq = decltype(squared_tag)::value;
       run_at_best_isa(
           [&](int64_t first, int64_t last) FASTSEG_TILE_INLINE_LAMBDA {
+            double* acc = partial.data() + k * per;
             for (int64_t tile = first; tile < last; ++tile) {
               int64_t b;
               const Tile<T> tl = loader.load(tile, b);
@@ -416,14 +453,17 @@ void forward_impl(const at::Tensor& logits, const at::Tensor& target, const Prob
               } else {
                 sigmoid_forward<T, kLabels, kSq>(tl, st.data());
               }
-              double* out = acc + b * pb.C * kNumStats;
-              for (int64_t i = 0; i < pb.C * kNumStats; ++i) out[i] += static_cast<double>(st[i]);
+              for (int64_t i = 0; i < per; ++i) acc[i] += static_cast<double>(st[i]);
             }
           },
           begin, end);
     };
-    with_flags(labels, pb.squared, tiles_with);
-    bad[tid] = loader.bad;
+    while (next(k)) {
+      chunks.tiles_of(k, begin, end);
+      with_flags(labels, pb.squared, tiles_with);
+      bad[k] = loader.bad;
+      loader.bad = kNoBadLabel;
+    }
   });
 
   for (int64_t v : bad) {
@@ -432,10 +472,12 @@ void forward_impl(const at::Tensor& logits, const at::Tensor& target, const Prob
                       ", got label ", v);
   }
   T* out = stats.data_ptr<T>();
-  for (int64_t i = 0; i < per; ++i) {
-    double sum = 0.0;
-    for (int64_t k = 0; k < nthreads; ++k) sum += partial[k * per + i];
-    out[i] = static_cast<T>(sum);
+  for (int64_t b = 0; b < pb.B; ++b) {
+    for (int64_t i = 0; i < per; ++i) {
+      double sum = 0.0;
+      for (int64_t k = b * chunks.per_sample; k < (b + 1) * chunks.per_sample; ++k) sum += partial[k * per + i];
+      out[b * per + i] = static_cast<T>(sum);
+    }
   }
 }
 
@@ -447,8 +489,7 @@ template <typename scalar_t, typename T, bool kSoftmax>
 void backward_impl(const at::Tensor& grad_stats, const at::Tensor& logits, const at::Tensor& target,
                    const Problem& pb, at::Tensor& grad) {
   const int64_t ld = tile_size(pb.C);
-  const int64_t tiles = pb.B * ((pb.N + ld - 1) / ld);
-  const int64_t grain = std::max<int64_t>(1, 32768 / (ld * pb.C));
+  const Chunks chunks(pb, ld);
   const T* gs = grad_stats.const_data_ptr<T>();
   const Strides gst = strides_of(grad);
   scalar_t* const gbase = grad.data_ptr<scalar_t>();
@@ -457,9 +498,10 @@ void backward_impl(const at::Tensor& grad_stats, const at::Tensor& logits, const
   const bool stream = gst.n == 1 && worth_streaming(static_cast<int64_t>(grad.nbytes()));
   const bool direct = gst.n == 1 && !stream;
   const RowCopy copy_rows = stream_rows();
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+  run_chunks(pb, chunks, [&](const auto& next) {
     TileLoader<scalar_t, T, kSoftmax> loader(pb, logits, target, load_target);
     std::vector<scalar_t> stage(direct ? 0 : pb.C * ld);
+    int64_t k, begin, end;
     auto tiles_with = [&](auto labels_tag, auto squared_tag) FASTSEG_TILE_INLINE_LAMBDA {
       constexpr bool kLabels = decltype(labels_tag)::value, kSq = decltype(squared_tag)::value;
       run_at_best_isa(
@@ -487,7 +529,10 @@ void backward_impl(const at::Tensor& grad_stats, const at::Tensor& logits, const
           },
           begin, end);
     };
-    with_flags(labels, pb.squared, tiles_with);
+    while (next(k)) {
+      chunks.tiles_of(k, begin, end);
+      with_flags(labels, pb.squared, tiles_with);
+    }
     if (stream) stream_fence();
   });
 }
