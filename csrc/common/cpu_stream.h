@@ -57,7 +57,8 @@ __attribute__((target("avx"))) inline void stream_rows_avx(const char* src, int6
     aligned_middle(d, bytes, 32, head, end);
     std::memcpy(d, s, head);
     for (int64_t i = head; i < end; i += 32)
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
     std::memcpy(d + end, s + end, bytes - end);
   }
 }

@@ -36,8 +36,22 @@ namespace {
 
 constexpr int64_t kNoBadLabel = std::numeric_limits<int64_t>::min();
 
+// Voxels per register block (one AVX-512 register of floats). Tile buffers are padded to whole blocks with
+// neutral values (logits 0, labels -1, mask 0), so the block loops need no tail.
+constexpr int64_t kBlock = 16;
+
+int64_t padded(int64_t n) {
+  return (n + kBlock - 1) / kBlock * kBlock;
+}
+
+// Fills entries [n, padded(n)) of `rows` rows of leading dimension ld with v.
+template <typename T>
+void pad_rows(T* rows, int64_t count, int64_t ld, int64_t n, T v) {
+  for (int64_t r = 0; r < count; ++r) std::fill(rows + r * ld + n, rows + r * ld + padded(n), v);
+}
+
 // One tile: logits x (C, T), exp buffer e (C, T), per-voxel class y and mask m, or a mask target g (C, T);
-// five scratch rows s0..s4 of T. For softmax, s0 holds the class max from the load on.
+// three rows of T: the class max (softmax, from the load on), and two per-voxel scratch rows.
 template <typename T>
 struct Tile {
   int64_t C, n, ld;  // classes, voxels in this tile, leading dimension (= T)
@@ -46,17 +60,15 @@ struct Tile {
   const T* g;
   const int32_t* y;
   const T* m;
-  T* s0;
+  T* mx;
   T* s1;
   T* s2;
-  T* s3;
-  T* s4;
 };
 
 template <typename T, bool kLabels>
 FASTSEG_TILE_INLINE T target_at(const Tile<T>& tl, int64_t c, int64_t t) {
   if constexpr (kLabels) {
-    return static_cast<T>(tl.y[t] == c);
+    return static_cast<T>(tl.y[t] == static_cast<int32_t>(c));  // an int32 compare: one instruction a vector
   } else {
     return tl.g[c * tl.ld + t];
   }
@@ -80,127 +92,124 @@ FASTSEG_TILE_INLINE void with_flags(bool labels, bool squared, const F& f) {
   }
 }
 
-// Adds sum_t term(t) to st[0..5). Lane-wise partial sums: a vectorisable loop without needing
-// -fassociative-math (an `omp simd reduction` here defeats gcc's vectoriser). 16 lanes fill an AVX-512
-// register per sum.
+// Adds sum_t term(t) over t < n, a whole number of blocks (tiles are padded), to the lane-wise sums
+// lanes[k * kBlock + j] of the five statistics k. Lane-wise float sums over the tile, vectorisable without
+// -fassociative-math (an `omp simd reduction` here defeats gcc's vectoriser), then added to the float64 lanes,
+// which are reduced across lanes once a chunk, not once a tile (that reduction is scalar).
 template <typename T, typename F>
-FASTSEG_TILE_INLINE void add_terms(int64_t n, const F& term, T* st) {
-  constexpr int L = 16;
-  T acc[kNumStats][L] = {};
-  int64_t t = 0;
-  for (; t + L <= n; t += L) {
-    for (int j = 0; j < L; ++j) {
+FASTSEG_TILE_INLINE void add_terms(int64_t n, const F& term, double* lanes) {
+  T acc[kNumStats][kBlock] = {};
+  for (int64_t t = 0; t < n; t += kBlock) {
+    for (int64_t j = 0; j < kBlock; ++j) {
       const Terms<T> d = term(t + j);
       acc[kI][j] += d.I, acc[kP][j] += d.P, acc[kG][j] += d.G, acc[kA][j] += d.A, acc[kU][j] += d.U;
     }
   }
-  for (; t < n; ++t) {
-    const Terms<T> d = term(t);
-    acc[kI][0] += d.I, acc[kP][0] += d.P, acc[kG][0] += d.G, acc[kA][0] += d.A, acc[kU][0] += d.U;
-  }
   for (int k = 0; k < kNumStats; ++k)
-    for (int j = 0; j < L; ++j) st[k] += acc[k][j];
+#pragma omp simd
+    for (int64_t j = 0; j < kBlock; ++j) lanes[k * kBlock + j] += static_cast<double>(acc[k][j]);
 }
 
 // Two sweeps over the classes: e = exp(x - max) with the softmax sum, then the five sums. The mask m is 0 or 1
 // and a label target is 0 wherever m is, so m is folded into p and -log p once per voxel (bit-identical to
 // multiplying every term by m).
 template <typename T, bool kLabels, bool kSquared>
-FASTSEG_TILE_INLINE void softmax_forward(const Tile<T>& tl, T* st) {
+FASTSEG_TILE_INLINE void softmax_forward(const Tile<T>& tl, double* lanes) {
   const int64_t n = tl.n, ld = tl.ld;
-  const T* mx = tl.s0;
-  T* pm = tl.s1;  // first the softmax sum, then m / sum
+  T* pm = tl.s1;  // m / softmax sum
   T* lse = tl.s2;
+  for (int64_t t0 = 0; t0 < n; t0 += kBlock) {  // the block's softmax sums stay in registers
+    const T* mx = tl.mx + t0;
+    T sum[kBlock] = {};
+    for (int64_t c = 0; c < tl.C; ++c) {
+      const T* xc = tl.x + c * ld + t0;
+      T* ec = tl.e + c * ld + t0;
 #pragma omp simd
-  for (int64_t t = 0; t < n; ++t) pm[t] = T(0);
-  for (int64_t c = 0; c < tl.C; ++c) {
-    const T* xc = tl.x + c * ld;
-    T* ec = tl.e + c * ld;
-#pragma omp simd
-    for (int64_t t = 0; t < n; ++t) {
-      ec[t] = exp_nonpos(xc[t] - mx[t]);
-      pm[t] += ec[t];
+      for (int64_t j = 0; j < kBlock; ++j) {
+        ec[j] = exp_nonpos(xc[j] - mx[j]);
+        sum[j] += ec[j];
+      }
     }
-  }
 #pragma omp simd
-  for (int64_t t = 0; t < n; ++t) {
-    lse[t] = mx[t] + log_ge1(pm[t]);
-    pm[t] = tl.m[t] / pm[t];
+    for (int64_t j = 0; j < kBlock; ++j) {
+      lse[t0 + j] = mx[j] + log_ge1(sum[j]);
+      pm[t0 + j] = tl.m[t0 + j] / sum[j];
+    }
   }
   for (int64_t c = 0; c < tl.C; ++c) {
     const T* xc = tl.x + c * ld;
     const T* ec = tl.e + c * ld;
-    add_terms(
-        n,
+    add_terms<T>(
+        padded(n),
         [&](int64_t t) {
           return softmax_terms(ec[t] * pm[t], (lse[t] - xc[t]) * tl.m[t], target_at<T, kLabels>(tl, c, t), T(1),
                                kSquared);
         },
-        st + c * kNumStats);
+        lanes + c * kNumStats * kBlock);
   }
 }
 
 template <typename T, bool kLabels, bool kSquared>
-FASTSEG_TILE_INLINE void sigmoid_forward(const Tile<T>& tl, T* st) {
+FASTSEG_TILE_INLINE void sigmoid_forward(const Tile<T>& tl, double* lanes) {
   for (int64_t c = 0; c < tl.C; ++c) {
     const T* xc = tl.x + c * tl.ld;
-    add_terms(
-        tl.n,
+    add_terms<T>(
+        padded(tl.n),
         [&](int64_t t) {
           return sigmoid_terms(sigmoid_of(xc[t]), target_at<T, kLabels>(tl, c, t), tl.m[t], kSquared);
         },
-        st + c * kNumStats);
+        lanes + c * kNumStats * kBlock);
   }
 }
 
-// Writes d loss / d x of the tile to row c of dst at dst + c * dst_ld (the gradient itself, or tl.x).
-// Two sweeps over the classes: the first computes e = exp(x - max) and, alongside the softmax sum, the sums
-// needed for sum_c p_c a_c = m (S1 / s + 2 S2 / s^2) with S1 = sum_c e_c (gI_c g_c + [!squared] gP_c) and
-// S2 = [squared] sum_c e_c^2 gP_c, and H / m = sum_c gA_c g_c + gU_c.
+// Writes d loss / d x of the tile to row c of dst at dst + c * dst_ld (the gradient itself, or a staging
+// buffer), whole blocks: dst must have room for padded(n) values a row. Per block of kBlock voxels, two
+// sweeps over the classes with the per-voxel sums held in registers: the first computes e = exp(x - max)
+// and, alongside the softmax sum, the sums needed for sum_c p_c a_c = m (S1 / s + 2 S2 / s^2) with
+// S1 = sum_c e_c (gI_c g_c + [!squared] gP_c), S2 = [squared] sum_c e_c^2 gP_c, and
+// H / m = sum_c gA_c g_c + gU_c; the second writes the gradient.
 template <typename T, bool kLabels, bool kSquared, typename dst_t>
 FASTSEG_TILE_INLINE void softmax_backward(const Tile<T>& tl, const T* gs, dst_t* dst, int64_t dst_ld) {
-  const int64_t n = tl.n, ld = tl.ld;
-  const T* mx = tl.s0;
-  T* sum = tl.s1;
-  T* S1 = tl.s2;
-  T* S2 = tl.s3;
-  T* H = tl.s4;
+  const int64_t ld = tl.ld;
+  for (int64_t t0 = 0; t0 < tl.n; t0 += kBlock) {
+    const T* mx = tl.mx + t0;
+    const T* m = tl.m + t0;
+    T sum[kBlock] = {}, S1[kBlock] = {}, S2[kBlock] = {}, H[kBlock] = {};
+    for (int64_t c = 0; c < tl.C; ++c) {
+      const T* xc = tl.x + c * ld + t0;
+      T* ec = tl.e + c * ld + t0;
+      const T* g = gs + c * kNumStats;
+      const T gP1 = kSquared ? T(0) : g[kP];
 #pragma omp simd
-  for (int64_t t = 0; t < n; ++t) sum[t] = S1[t] = S2[t] = H[t] = T(0);
-  for (int64_t c = 0; c < tl.C; ++c) {
-    const T* xc = tl.x + c * ld;
-    T* ec = tl.e + c * ld;
-    const T* g = gs + c * kNumStats;
-    const T gP1 = kSquared ? T(0) : g[kP];
-#pragma omp simd
-    for (int64_t t = 0; t < n; ++t) {
-      const T e = exp_nonpos(xc[t] - mx[t]);
-      const T gt = target_at<T, kLabels>(tl, c, t);
-      ec[t] = e;
-      sum[t] += e;
-      S1[t] += e * (g[kI] * gt + gP1);
-      if constexpr (kSquared) S2[t] += e * e * g[kP];
-      H[t] += g[kA] * gt + g[kU];
+      for (int64_t j = 0; j < kBlock; ++j) {
+        const T e = exp_nonpos(xc[j] - mx[j]);
+        const T gt = target_at<T, kLabels>(tl, c, t0 + j);
+        ec[j] = e;
+        sum[j] += e;
+        S1[j] += e * (g[kI] * gt + gP1);
+        if constexpr (kSquared) S2[j] += e * e * g[kP];
+        H[j] += g[kA] * gt + g[kU];
+      }
     }
-  }
+    T inv[kBlock], S[kBlock];
 #pragma omp simd
-  for (int64_t t = 0; t < n; ++t) {
-    const T inv = T(1) / sum[t];
-    sum[t] = inv;
-    S1[t] = tl.m[t] * (S1[t] * inv + T(2) * S2[t] * inv * inv);  // sum_c p_c a_c
-    H[t] *= tl.m[t];
-  }
-  for (int64_t c = 0; c < tl.C; ++c) {
-    const T* ec = tl.e + c * ld;
-    dst_t* dx = dst + c * dst_ld;
-    const T* g = gs + c * kNumStats;
+    for (int64_t j = 0; j < kBlock; ++j) {
+      inv[j] = T(1) / sum[j];
+      S[j] = m[j] * (S1[j] * inv[j] + T(2) * S2[j] * inv[j] * inv[j]);  // sum_c p_c a_c
+      H[j] *= m[j];
+    }
+    for (int64_t c = 0; c < tl.C; ++c) {
+      const T* ec = tl.e + c * ld + t0;
+      const T* g = gs + c * kNumStats;
+      dst_t* dx = dst + c * dst_ld + t0;
 #pragma omp simd
-    for (int64_t t = 0; t < n; ++t) {
-      const T p = ec[t] * sum[t];
-      const T gt = target_at<T, kLabels>(tl, c, t);
-      const T a = dice_dp(p, gt, tl.m[t], g[kI], g[kP], kSquared);
-      const T h = softmax_ce_h(gt, tl.m[t], g[kA], g[kU]);
-      dx[t] = convert_to<dst_t>(softmax_grad(p, a, h, S1[t], H[t]));
+      for (int64_t j = 0; j < kBlock; ++j) {
+        const T p = ec[j] * inv[j];
+        const T gt = target_at<T, kLabels>(tl, c, t0 + j);
+        const T a = dice_dp(p, gt, m[j], g[kI], g[kP], kSquared);
+        const T h = softmax_ce_h(gt, m[j], g[kA], g[kU]);
+        dx[j] = convert_to<dst_t>(softmax_grad(p, a, h, S[j], H[j]));
+      }
     }
   }
 }
@@ -221,28 +230,38 @@ FASTSEG_TILE_INLINE void sigmoid_backward(const Tile<T>& tl, const T* gs, dst_t*
 }
 
 // Copies a (C, n) block of a strided (B, C, N) tensor into a (C, ld) buffer; with kMax, also the class max of
-// each voxel into mx.
+// each voxel into mx (over whole blocks with the running max in registers, then the tail).
 template <bool kMax, typename src_t, typename dst_t>
 FASTSEG_TILE_INLINE void gather(const src_t* base, Strides s, int64_t C, int64_t n, int64_t ld, dst_t* out,
                                 dst_t* mx) {
-  if (s.n == 1) {
+  if (s.n == 1 && !kMax) {
     for (int64_t c = 0; c < C; ++c) {
       const src_t* src = base + c * s.c;
       dst_t* o = out + c * ld;
-      if (!kMax) {
 #pragma omp simd
-        for (int64_t t = 0; t < n; ++t) o[t] = static_cast<dst_t>(src[t]);
-      } else if (c == 0) {
+      for (int64_t t = 0; t < n; ++t) o[t] = static_cast<dst_t>(src[t]);
+    }
+  } else if (s.n == 1) {
+    const int64_t whole = n / kBlock * kBlock;
+    for (int64_t t0 = 0; t0 < whole; t0 += kBlock) {
+      dst_t m[kBlock];
 #pragma omp simd
-        for (int64_t t = 0; t < n; ++t) o[t] = mx[t] = static_cast<dst_t>(src[t]);
-      } else {
+      for (int64_t j = 0; j < kBlock; ++j) out[t0 + j] = m[j] = static_cast<dst_t>(base[t0 + j]);
+      for (int64_t c = 1; c < C; ++c) {
+        const src_t* src = base + c * s.c + t0;
+        dst_t* o = out + c * ld + t0;
 #pragma omp simd
-        for (int64_t t = 0; t < n; ++t) {
-          const dst_t v = static_cast<dst_t>(src[t]);
-          o[t] = v;
-          mx[t] = max_(mx[t], v);
+        for (int64_t j = 0; j < kBlock; ++j) {
+          o[j] = static_cast<dst_t>(src[j]);
+          m[j] = max_(m[j], o[j]);
         }
       }
+#pragma omp simd
+      for (int64_t j = 0; j < kBlock; ++j) mx[t0 + j] = m[j];
+    }
+    for (int64_t t = whole; t < n; ++t) {
+      mx[t] = out[t] = static_cast<dst_t>(base[t]);
+      for (int64_t c = 1; c < C; ++c) mx[t] = max_(mx[t], out[c * ld + t] = static_cast<dst_t>(base[c * s.c + t]));
     }
   } else {
     for (int64_t t = 0; t < n; ++t) {
@@ -271,7 +290,8 @@ int64_t tile_size(int64_t C) {
 }
 
 // Loading one tile's target (n voxels from `first`, whose element type the function knows): labels give
-// y (class or -1) and m (1, or 0 where ignored); a mask gives g (C, ld) and m = 1. Returns the first bad
+// y (class or -1) and m (1, or 0 where ignored); a mask gives g (C, ld) and m = 1; both padded to whole
+// blocks with y = -1, g = 0, m = 0. Returns the first bad
 // label seen, or kNoBadLabel. Type-erased so that the ISA-compiled tile loops are instantiated per logits
 // type only, not per logits x target type.
 template <typename T>
@@ -303,6 +323,8 @@ int64_t load_labels(const void* first, Strides s, const Problem& pb, int64_t n, 
         any_bad = flag;
       },
       0, n);
+  pad_rows(y, 1, 0, n, int32_t{-1});
+  pad_rows(m, 1, 0, n, T(0));
   if (any_bad) {
     for (int64_t t = 0; t < n; ++t) {
       bool is_bad = false;
@@ -323,6 +345,8 @@ int64_t load_mask(const void* first, Strides s, const Problem& pb, int64_t n, in
         for (int64_t t = 0, count = n; t < count; ++t) md[t] = T(1);
       },
       0, n);
+  pad_rows(g, pb.C, ld, n, T(0));
+  pad_rows(m, 1, 0, n, T(0));
   return kNoBadLabel;
 }
 
@@ -362,7 +386,7 @@ struct TileLoader {
         load_target(load_target_) {
     ld = tile_size(pb.C);
     tiles_per_sample = (pb.N + ld - 1) / ld;
-    buf.assign(3 * pb.C * ld + 6 * ld, T(0));
+    buf.assign(3 * pb.C * ld + 4 * ld, T(0));
     y.assign(ld, -1);
   }
 
@@ -379,8 +403,10 @@ struct TileLoader {
     T* g = e + pb.C * ld;
     T* m = g + pb.C * ld;
     T* s = m + ld;
-    Tile<T> tl{pb.C, n, ld, x, e, g, y.data(), m, s, s + ld, s + 2 * ld, s + 3 * ld, s + 4 * ld};
-    gather<kSoftmax>(logits + b * ls.b + v0 * ls.n, ls, pb.C, n, ld, x, tl.s0);
+    Tile<T> tl{pb.C, n, ld, x, e, g, y.data(), m, s, s + ld, s + 2 * ld};
+    gather<kSoftmax>(logits + b * ls.b + v0 * ls.n, ls, pb.C, n, ld, x, tl.mx);
+    pad_rows(x, pb.C, ld, n, T(0));
+    pad_rows(tl.mx, 1, 0, n, T(0));
     const int64_t found = load_target(target_at_voxel(b, v0), ts, pb, n, ld, y.data(), m, g);
     if (bad == kNoBadLabel) bad = found;
     return tl;
@@ -437,30 +463,33 @@ void forward_impl(const at::Tensor& logits, const at::Tensor& target, const Prob
 
   run_chunks(pb, chunks, [&](const auto& next) {
     TileLoader<scalar_t, T, kSoftmax> loader(pb, logits, target, load_target);
-    std::vector<T> st(per);
+    std::vector<double> lanes(per * kBlock);
     int64_t k, begin, end;
     auto tiles_with = [&](auto labels_tag, auto squared_tag) FASTSEG_TILE_INLINE_LAMBDA {
       constexpr bool kLabels = decltype(labels_tag)::value, kSq = decltype(squared_tag)::value;
       run_at_best_isa(
           [&](int64_t first, int64_t last) FASTSEG_TILE_INLINE_LAMBDA {
-            double* acc = partial.data() + k * per;
             for (int64_t tile = first; tile < last; ++tile) {
               int64_t b;
               const Tile<T> tl = loader.load(tile, b);
-              for (T& v : st) v = T(0);
               if constexpr (kSoftmax) {
-                softmax_forward<T, kLabels, kSq>(tl, st.data());
+                softmax_forward<T, kLabels, kSq>(tl, lanes.data());
               } else {
-                sigmoid_forward<T, kLabels, kSq>(tl, st.data());
+                sigmoid_forward<T, kLabels, kSq>(tl, lanes.data());
               }
-              for (int64_t i = 0; i < per; ++i) acc[i] += static_cast<double>(st[i]);
             }
           },
           begin, end);
     };
     while (next(k)) {
       chunks.tiles_of(k, begin, end);
+      std::fill(lanes.begin(), lanes.end(), 0.0);
       with_flags(labels, pb.squared, tiles_with);
+      for (int64_t i = 0; i < per; ++i) {
+        double sum = 0.0;
+        for (int64_t j = 0; j < kBlock; ++j) sum += lanes[i * kBlock + j];
+        partial[k * per + i] = sum;
+      }
       bad[k] = loader.bad;
       loader.bad = kNoBadLabel;
     }
@@ -500,7 +529,7 @@ void backward_impl(const at::Tensor& grad_stats, const at::Tensor& logits, const
   const RowCopy copy_rows = stream_rows();
   run_chunks(pb, chunks, [&](const auto& next) {
     TileLoader<scalar_t, T, kSoftmax> loader(pb, logits, target, load_target);
-    std::vector<scalar_t> stage(direct ? 0 : pb.C * ld);
+    std::vector<scalar_t> stage(pb.C * ld);
     int64_t k, begin, end;
     auto tiles_with = [&](auto labels_tag, auto squared_tag) FASTSEG_TILE_INLINE_LAMBDA {
       constexpr bool kLabels = decltype(labels_tag)::value, kSq = decltype(squared_tag)::value;
@@ -511,18 +540,22 @@ void backward_impl(const at::Tensor& grad_stats, const at::Tensor& logits, const
               const Tile<T> tl = loader.load(tile, b);
               const T* g = gs + b * pb.C * kNumStats;
               scalar_t* out = gbase + b * gst.b + loader.first_voxel(tile) * gst.n;
-              scalar_t* dst = direct ? out : stage.data();
-              const int64_t dst_ld = direct ? gst.c : ld;
+              // A sample's last tile is staged too: the kernels write whole blocks.
+              const bool into_out = direct && tl.n == ld;
+              scalar_t* dst = into_out ? out : stage.data();
+              const int64_t dst_ld = into_out ? gst.c : ld;
               if constexpr (kSoftmax) {
                 softmax_backward<T, kLabels, kSq>(tl, g, dst, dst_ld);
               } else {
                 sigmoid_backward<T, kLabels, kSq>(tl, g, dst, dst_ld);
               }
-              if (stream) {
+              if (into_out) continue;
+              if (gst.n == 1) {
                 constexpr int64_t kSize = sizeof(scalar_t);
-                copy_rows(reinterpret_cast<const char*>(dst), ld * kSize, reinterpret_cast<char*>(out), gst.c * kSize,
-                          pb.C, tl.n * kSize);
-              } else if (!direct) {
+                (stream ? copy_rows : copy_rows_plain)(reinterpret_cast<const char*>(dst), ld * kSize,
+                                                       reinterpret_cast<char*>(out), gst.c * kSize, pb.C,
+                                                       tl.n * kSize);
+              } else {
                 scatter(dst, pb.C, tl.n, ld, out, gst);
               }
             }
