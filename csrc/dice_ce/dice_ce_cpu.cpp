@@ -2,11 +2,11 @@
 //
 // The voxels of each sample are cut into tiles of T voxels. A tile's logits are gathered once into a
 // (C, T) float buffer whatever the input layout (channels-first or channels-last, any dtype), taking each
-// voxel's class max on the way, so every inner loop runs over T contiguous floats and vectorises; the
-// backward writes a channels-first gradient from its last sweep. Tiles are spread over threads with
-// at::parallel_for; a thread's whole run of tiles (loads, label decoding, maths, stores) is one function
-// compiled per ISA level (run_at_best_isa), and each thread sums its tiles into private (B, C, 5) doubles,
-// reduced in thread order.
+// voxel's class max on the way; the sweeps over the classes then run over blocks of 16 voxels with the
+// per-voxel sums in registers, and the backward writes a channels-first gradient from its last sweep
+// (through streaming stores when it is large). Each thread's run of tiles (loads, label decoding, maths,
+// stores) is one function compiled per ISA level (run_at_best_isa). Threads take chunks of tiles from a
+// shared counter; the forward keeps float64 sums per chunk and adds them in chunk order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -35,6 +35,17 @@ namespace dice_ce {
 namespace {
 
 constexpr int64_t kNoBadLabel = std::numeric_limits<int64_t>::min();
+
+// Runs body(begin, end) compiled for this CPU's best ISA level; float64 logits (gradcheck, references) keep
+// the baseline build, as three ISA copies of their loops would only lengthen the compile.
+template <typename T, typename Body>
+void run_tiles(const Body& body, int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<T, double>) {
+    body(begin, end);
+  } else {
+    run_at_best_isa(body, begin, end);
+  }
+}
 
 // Voxels per register block (one AVX-512 register of floats). Tile buffers are padded to whole blocks with
 // neutral values (logits 0, labels -1, mask 0), so the block loops need no tail.
@@ -303,7 +314,7 @@ template <typename tgt_t, typename T>
 int64_t load_labels(const void* first, Strides s, const Problem& pb, int64_t n, int64_t, int32_t* y, T* m, T*) {
   const tgt_t* lab = static_cast<const tgt_t*>(first);
   int32_t any_bad = 0;
-  run_at_best_isa(
+  run_tiles<T>(
       [&](int64_t, int64_t) FASTSEG_TILE_INLINE_LAMBDA {
         // Locals, not the captures, in the loop: stores through y and m could otherwise alias them.
         const int64_t C = pb.C, ign = pb.ignore_index, stride = s.n, count = n;
@@ -338,7 +349,7 @@ int64_t load_labels(const void* first, Strides s, const Problem& pb, int64_t n, 
 
 template <typename tgt_t, typename T>
 int64_t load_mask(const void* first, Strides s, const Problem& pb, int64_t n, int64_t ld, int32_t*, T* m, T* g) {
-  run_at_best_isa(
+  run_tiles<T>(
       [&](int64_t, int64_t) FASTSEG_TILE_INLINE_LAMBDA {
         gather<false>(static_cast<const tgt_t*>(first), s, pb.C, n, ld, g, static_cast<T*>(nullptr));
         T* __restrict md = m;
@@ -467,7 +478,7 @@ void forward_impl(const at::Tensor& logits, const at::Tensor& target, const Prob
     int64_t k, begin, end;
     auto tiles_with = [&](auto labels_tag, auto squared_tag) FASTSEG_TILE_INLINE_LAMBDA {
       constexpr bool kLabels = decltype(labels_tag)::value, kSq = decltype(squared_tag)::value;
-      run_at_best_isa(
+      run_tiles<T>(
           [&](int64_t first, int64_t last) FASTSEG_TILE_INLINE_LAMBDA {
             for (int64_t tile = first; tile < last; ++tile) {
               int64_t b;
@@ -533,7 +544,7 @@ void backward_impl(const at::Tensor& grad_stats, const at::Tensor& logits, const
     int64_t k, begin, end;
     auto tiles_with = [&](auto labels_tag, auto squared_tag) FASTSEG_TILE_INLINE_LAMBDA {
       constexpr bool kLabels = decltype(labels_tag)::value, kSq = decltype(squared_tag)::value;
-      run_at_best_isa(
+      run_tiles<T>(
           [&](int64_t first, int64_t last) FASTSEG_TILE_INLINE_LAMBDA {
             for (int64_t tile = first; tile < last; ++tile) {
               int64_t b;
