@@ -74,8 +74,12 @@ def test_stats_op_low_precision_accumulates_in_float32(dtype):
     assert ker.dtype == torch.float32
     ref = _reference.dice_ce_stats(xl.double(), t, 0, None, False)
     torch.testing.assert_close(ker.double(), ref, rtol=2e-5, atol=1e-2)
-    g = torch.ops.fastseg.dice_ce_stats_backward(torch.randn(2, 6, 5), xl, t, 0, None, False)
+    gs = torch.randn(2, 6, 5)
+    g = torch.ops.fastseg.dice_ce_stats_backward(gs, xl, t, 0, None, False)
     assert g.dtype == dtype and g.shape == xl.shape
+    # the float32 maths on the same values, rounded to the logits' dtype once and exactly as torch rounds
+    g32 = torch.ops.fastseg.dice_ce_stats_backward(gs, xl.float(), t, 0, None, False)
+    assert torch.equal(g, g32.to(dtype))
 
 
 # --- the loss against an independent float64 formulation ------------------------------------------
@@ -206,6 +210,34 @@ def test_layouts_channels_last_and_non_contiguous():
     t_nc = torch.stack([t, t], dim=-1)[..., 0]
     assert not t_nc.is_contiguous()
     torch.testing.assert_close(dice_ce_loss(x, t_nc, **opts), ref)
+
+
+@needs_ext
+def test_stats_do_not_depend_on_the_thread_count():
+    # the CPU kernel sums per chunk of tiles and adds the chunks in a fixed order, whichever thread did which
+    x, t = make_inputs((2, 4, 200_000), dtype=torch.float32, seed=9)
+    before = torch.get_num_threads()
+    try:
+        stats = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            stats.append(torch.ops.fastseg.dice_ce_stats(x, t, 0, None, False))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(stats[0], s) for s in stats[1:])
+
+
+@needs_ext
+def test_large_gradient_takes_the_streaming_path_correctly():
+    # A float32 gradient of 16 MB or more is written with streaming stores (csrc/common/cpu_stream.h); the odd
+    # voxel count leaves the class rows unaligned, so their copied ends are covered as well.
+    x, t = make_inputs((1, 3, 1_400_001), dtype=torch.float32, seed=7, absent=())
+    gs = torch.randn(1, 3, 5, generator=torch.Generator().manual_seed(8))
+    got = torch.ops.fastseg.dice_ce_stats_backward(gs, x, t, 0, None, False)
+    assert got.nbytes >= 16 << 20
+    xr = x.double().requires_grad_()
+    (ref,) = torch.autograd.grad((_reference.dice_ce_stats(xr, t, 0, None, False) * gs.double()).sum(), xr)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-6)
 
 
 def test_channels_last_gradient_keeps_layout():
