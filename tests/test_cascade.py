@@ -12,7 +12,7 @@ from fastseg.cli import main
 from fastseg.data.dataset import DatasetSpec, write_dataset_description
 from fastseg.data.io import Image, read_image, write_image
 from fastseg.data.preprocess import preprocess_case
-from fastseg.training import Predictor, TrainConfig
+from fastseg.training import Predictor, TrainConfig, Trainer
 from fastseg.training.cascade import (CascadePredictor, CascadeTrainer, cascade_crop, load_predictor,
                                       measure_volumes, split_organs)
 from fastseg.training.checkpoint import load_checkpoint
@@ -190,18 +190,26 @@ def test_prediction_crop_contains_small_organs_that_stage_one_found(phantom):
 
 def test_stage_two_augmentation_leaves_the_guidance_channels_alone():
     """Brightness, gamma and noise change the CT channel only; flips move every channel alike."""
-    from fastseg.training.cascade import _GuidedAugmenter
+    from fastseg.data.augment import Augmenter
 
     rng = np.random.default_rng(0)
     image = np.stack([rng.normal(size=(8, 8, 8)), rng.random((8, 8, 8)), rng.random((8, 8, 8))]).astype(np.float32)
-    still = _GuidedAugmenter(p_flip=0.0, p_rotation=0.0, p_scale=0.0, p_intensity=1.0, p_gamma=1.0, p_noise=1.0)
+    still = Augmenter(intensity_channels=1, p_flip=0.0, p_rotation=0.0, p_scale=0.0, p_intensity=1.0, p_gamma=1.0,
+                      p_noise=1.0)
     out, _ = still(image, None, np.random.default_rng(1))
     assert not np.allclose(out[0], image[0])
     np.testing.assert_array_equal(out[1:], image[1:])
-    flip = _GuidedAugmenter(flip_axes=(0,), p_flip=1.0, p_rotation=0.0, p_scale=0.0, p_intensity=0.0, p_gamma=0.0,
-                            p_noise=0.0)
+    flip = Augmenter(intensity_channels=1, flip_axes=(0,), p_flip=1.0, p_rotation=0.0, p_scale=0.0,
+                     p_intensity=0.0, p_gamma=0.0, p_noise=0.0)
     out, _ = flip(image, None, np.random.default_rng(1))
     np.testing.assert_array_equal(out, image[:, ::-1])
+    # stage two's trainer augments like `still`: CT channel only
+    trainer = Trainer(TrainConfig(patch_size=[8, 8, 8]), progress=False)
+    trainer.use_cases([], [], [4.0, 4.0, 5.0], organs=["CubeA", "CubeB"], label_values={"CubeA": 1, "CubeB": 2},
+                      in_channels=3)
+    assert trainer._augmenter().intensity_channels is None
+    trainer.plan = {**trainer.plan, "cascade_guidance": ["CubeA", "CubeB"]}
+    assert trainer._augmenter().intensity_channels == 1
 
 
 # --------------------------------------------------------------------------------------------------------

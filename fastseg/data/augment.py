@@ -26,7 +26,7 @@ import numpy as np
 import scipy.ndimage as ndi
 import torch
 
-__all__ = ["Augmenter", "lateral_axis", "lateral_pairs"]
+__all__ = ["Augmenter", "lateral_axis", "lateral_pairs", "swapped_channels"]
 
 # a side token: a whole word of the name (delimited by start / end, '-', '_', ' ' or '.')
 _SIDE = re.compile(r"(?<![A-Za-z0-9])(Lt|Rt|LT|RT|lt|rt|L|R|l|r|Left|Right|left|right|LEFT|RIGHT)(?![A-Za-z0-9])")
@@ -115,6 +115,10 @@ class Augmenter:
         order: spline order for the image in spatial transforms (labels always use nearest).
         swap_on_flip: ``{axis: [(a, b), ...]}``: a flip of ``axis`` also exchanges label values a and b (in a
             (K, *P) stack, channels a - 1 and b - 1): the left / right organ pairs on the lateral axis.
+        intensity_channels: brightness, gamma and noise touch only the first this many image channels (None:
+            all). The cascade's stage two passes its CT channel only: its other channels are stage one's
+            probabilities, which never take the values those transforms would make of them (nnU-Net also adds
+            its previous-stage channels after the intensity transforms).
 
     Example:
         >>> aug = Augmenter(spacing=(1.0, 1.0, 2.5))
@@ -128,7 +132,8 @@ class Augmenter:
                  p_intensity: float = 0.15, gamma: Sequence[float] = (0.7, 1.5), p_gamma: float = 0.3,
                  noise_std: Sequence[float] = (0.0, 0.1), p_noise: float = 0.1,
                  spacing: Optional[Sequence[float]] = None, order: int = 1,
-                 swap_on_flip: Optional[Mapping[int, Sequence[Sequence[int]]]] = None):
+                 swap_on_flip: Optional[Mapping[int, Sequence[Sequence[int]]]] = None,
+                 intensity_channels: Optional[int] = None):
         if any(int(a) != a or a < 0 for a in flip_axes):
             _fail("flip_axes", "non-negative integer axes", flip_axes)
         self.flip_axes = tuple(int(a) for a in flip_axes)
@@ -162,11 +167,15 @@ class Augmenter:
             _fail("order", "a spline order in 0..5", order)
         self.order = int(order)
         self.swap_on_flip = {int(axis): _value_permutation(pairs) for axis, pairs in (swap_on_flip or {}).items()}
+        if intensity_channels is not None and (isinstance(intensity_channels, bool)
+                                               or not isinstance(intensity_channels, int) or intensity_channels < 1):
+            _fail("intensity_channels", "None or an int >= 1", intensity_channels)
+        self.intensity_channels = intensity_channels
 
     def __repr__(self) -> str:
         keys = ("flip_axes", "p_flip", "rotation", "rotation_axes", "p_rotation", "scale", "p_scale",
                 "intensity_scale", "intensity_shift", "p_intensity", "gamma", "p_gamma", "noise_std",
-                "p_noise", "spacing", "order", "swap_on_flip")
+                "p_noise", "spacing", "order", "swap_on_flip", "intensity_channels")
         return "Augmenter(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in keys) + ")"
 
     @property
@@ -255,7 +264,11 @@ class Augmenter:
             _fail("out_shape", f"{ndim} sizes between 1 and the input's {spatial}", out_shape)
 
         img, lab = self._spatial(img.astype(np.float32), lab, lab_lead, out_shape, rng)
-        img = self._intensity(img, rng)
+        n = self.intensity_channels
+        if n is None or n >= img.shape[0]:
+            img = self._intensity(img, rng)
+        else:
+            img = np.concatenate([self._intensity(img[:n], rng), img[n:]])
         img, lab = self._flip(img, lab, lab_lead, rng)
 
         img = np.ascontiguousarray(img)
@@ -349,12 +362,23 @@ def _value_permutation(pairs: Sequence[Sequence[int]]) -> np.ndarray:
     return lut
 
 
+def _channel_order(lut: np.ndarray, channels: int, background: bool) -> np.ndarray:
+    shift = 0 if background else 1
+    order = np.arange(channels)
+    head = min(len(lut) - shift, channels)
+    order[:head] = lut[shift:shift + head] - shift
+    return order
+
+
+def swapped_channels(pairs: Sequence[Sequence[int]], channels: int, *, background: bool = True) -> np.ndarray:
+    """Channel order that exchanges the channels of each pair of label values: channel c holds label value c
+    with a background channel (softmax outputs), c + 1 without (sigmoid outputs, multi-label stacks)."""
+    return _channel_order(_value_permutation(pairs), channels, background)
+
+
 def _swap_sides(lab: np.ndarray, lut: np.ndarray, lab_lead: int) -> np.ndarray:
     if lab_lead:  # a (K, *P) stack: channel c holds label value c + 1
-        order = np.arange(lab.shape[0])
-        head = min(len(lut) - 1, lab.shape[0])
-        order[:head] = lut[1:head + 1] - 1
-        return lab[order]
+        return lab[_channel_order(lut, lab.shape[0], background=False)]
     if lab.size and int(lab.max()) >= len(lut):
         lut = np.concatenate([lut, np.arange(len(lut), int(lab.max()) + 1)])
     return lut[lab].astype(lab.dtype, copy=False)

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from fastseg import _atomic
-from fastseg.data.augment import Augmenter
 from fastseg.training.checkpoint import load_checkpoint, save_checkpoint
 from fastseg.training.config import TrainConfig
 from fastseg.training.predictor import Predictor
@@ -204,20 +203,6 @@ def _combine(stage_one_fine: np.ndarray, stage_two: np.ndarray, box: Box, small_
 # --------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------
-class _GuidedAugmenter(Augmenter):
-    """Intensity transforms (brightness, gamma, noise) on the CT channel only: the guidance channels are
-    probabilities, and stage one never outputs the values those transforms would make of them (nnU-Net also
-    adds its previous-stage channels after the intensity transforms). Spatial transforms and flips apply to
-    every channel alike."""
-
-    def _intensity(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return np.concatenate([super()._intensity(img[:1], rng), img[1:]])
-
-
-class _StageTwoTrainer(Trainer):
-    augmenter_class = _GuidedAugmenter
-
-
 class CascadeTrainer:
     """Trains the two stages of the cascade (see the module docstring); the settings are a
     :class:`TrainConfig` with ``cascade=True``.
@@ -262,7 +247,7 @@ class CascadeTrainer:
 
         organs = list(stage1.plan["organs"])
         channels = [organs.index(o) + 1 for o in small]
-        stage2 = _StageTwoTrainer(self._stage_config(STAGES[1], target), resume=self.resume,
+        stage2 = Trainer(self._stage_config(STAGES[1], target), resume=self.resume,
                                   progress=self.progress)
         self._log("stage one's predictions of the training and validation cases -> stage two's crops")
         crops: List[Dict[str, Any]] = []
@@ -274,7 +259,8 @@ class CascadeTrainer:
         stage2.use_cases(cases["train"], cases["val"], target, organs=small,
                          label_values={o: j + 1 for j, o in enumerate(small)}, in_channels=1 + len(small),
                          lateral=lateral_axis_of(train_raw))
-        # marks a stage-two file: its inputs need stage one, so load_predictor refuses it on its own
+        # marks a stage-two file (its inputs need stage one, so load_predictor refuses it on its own) and keeps
+        # the intensity augmentation off the guidance channels (Trainer._augmenter)
         stage2.plan = {**stage2.plan, "cascade_guidance": list(small)}
         result2 = stage2.fit()
 

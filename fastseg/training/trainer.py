@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from fastseg import _atomic
-from fastseg.data.augment import Augmenter, lateral_axis, lateral_pairs
+from fastseg.data.augment import Augmenter, lateral_axis, lateral_pairs, swapped_channels
 from fastseg.training.checkpoint import load_checkpoint, save_checkpoint
 from fastseg.training.config import TrainConfig
 
@@ -83,8 +83,6 @@ class Trainer:
         >>> result = trainer.fit()          # resumes from runs/a/checkpoint.pt when it exists
         >>> result["val_dice"]              # per-organ validation Dice of the last validation
     """
-
-    augmenter_class = Augmenter
 
     def __init__(self, config: TrainConfig, *, resume: bool = True, progress: bool = True):
         self.config = config
@@ -187,10 +185,13 @@ class Trainer:
                                     batch_size=self.config.batch_size, base_features=self.config.base_features,
                                     max_features=self.config.max_features)
 
-    def _augmenter(self):
+    def _augmenter(self) -> Augmenter:
         lateral = self.plan["lateral"]
         swap = {lateral["axis"]: lateral["pairs"]} if lateral else None
-        return self.augmenter_class(spacing=self.plan["target_spacing"], swap_on_flip=swap)
+        # the cascade's stage two: channels after the image are stage one's probabilities, not intensities
+        guidance = len(self.plan.get("cascade_guidance", ()))
+        return Augmenter(spacing=self.plan["target_spacing"], swap_on_flip=swap,
+                         intensity_channels=self.plan["in_channels"] - guidance if guidance else None)
 
     def _loader(self, start_iteration: int):
         from fastseg.data.sampling import PatchDataset, make_loader
@@ -539,11 +540,8 @@ def predict_logits(model: nn.Module, image: np.ndarray, plan: Dict[str, Any], *,
     # image, flipped back, hold each organ of a pair in its partner's channel.
     axis = lateral["axis"]
     others = tuple(a for a in mirror_axes if a != axis)
-    order = list(range(plan["num_classes"]))
-    shift = 1 if plan["activation"] == "sigmoid" else 0  # sigmoid channels have no background
-    for a, b in lateral["pairs"]:
-        order[a - shift], order[b - shift] = order[b - shift], order[a - shift]
-    mirrored = infer(np.flip(image, axis + 1), others).flip(axis + 1)[order]
+    order = swapped_channels(lateral["pairs"], plan["num_classes"], background=plan["activation"] != "sigmoid")
+    mirrored = infer(np.flip(image, axis + 1), others).flip(axis + 1)[torch.from_numpy(order)]
     return (infer(image, others) + mirrored) / 2
 
 
