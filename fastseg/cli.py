@@ -134,12 +134,12 @@ def _add_predict(sub) -> None:
 
 
 def _image_files(inputs: Sequence[Path], split: str) -> List[Path]:
-    from fastseg.training.predictor import IMAGE_SUFFIXES
+    from fastseg.data.io import image_suffix
 
     files: List[Path] = []
     for path in inputs:
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.name.endswith(IMAGE_SUFFIXES))
+            found = sorted(p for p in path.iterdir() if image_suffix(p))
             if not found:
                 raise ValueError(f"inputs: folder '{path}' holds no .nii, .nii.gz or .nrrd image")
             files += found

@@ -38,7 +38,7 @@ from fastseg.data.dataset import (
     normalize_organs,
 )
 from fastseg._atomic import save_figure
-from fastseg.data.io import Image, atomic_output, image_suffix, read_image
+from fastseg.data.io import Image, atomic_output, case_name, read_image
 from fastseg.metrics.surface import CONVENTIONS, surface_metrics
 
 __all__ = ["evaluate_folders", "EvaluationResult"]
@@ -199,10 +199,9 @@ def _label_files(name: str, folder: Path) -> Dict[str, Path]:
     """case -> file for every .nii / .nii.gz / .nrrd file of ``folder``."""
     out: Dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        suffix = image_suffix(path)
-        if suffix is None or not path.is_file():
+        case = case_name(path)
+        if case is None or not path.is_file():
             continue
-        case = path.name[: len(path.name) - len(suffix)]
         if case in out:
             raise ValueError(f"{_FN}: {name}: two files for case {case!r}: {out[case].name} and {path.name}")
         out[case] = path

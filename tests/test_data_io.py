@@ -12,7 +12,7 @@ import nrrd
 import numpy as np
 import pytest
 
-from fastseg.data import Image, ImageFormatError, atomic_output, read_image, write_image
+from fastseg.data import Image, ImageFormatError, atomic_output, case_name, read_image, write_image
 
 RAS = np.array([-1.0, -1.0, 1.0])  # LPS <-> RAS: the first two world axes change sign
 
@@ -240,6 +240,13 @@ def test_write_refuses_channel_stack_and_object_arrays(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- errors
+
+
+def test_case_name_strips_the_image_suffix():
+    assert case_name("data/case01.nii.gz") == "case01"
+    assert case_name(Path("a.b.nii")) == "a.b"
+    assert case_name("X.NRRD") == "X"
+    assert case_name("notes.txt") is None and case_name(".nii.gz") is None
 
 
 def test_missing_file_and_bad_suffix(tmp_path):

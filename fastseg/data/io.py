@@ -30,6 +30,7 @@ __all__ = [
     "write_image",
     "atomic_output",
     "image_suffix",
+    "case_name",
     "IMAGE_SUFFIXES",
 ]
 
@@ -158,6 +159,13 @@ def image_suffix(path: PathLike) -> Optional[str]:
         if name.endswith(suffix) and len(name) > len(suffix):
             return suffix
     return None
+
+
+def case_name(path: PathLike) -> Optional[str]:
+    """The file name without its image suffix (``'case01'`` of ``case01.nii.gz``), None for a non-image."""
+    suffix = image_suffix(path)
+    name = Path(path).name
+    return None if suffix is None else name[: len(name) - len(suffix)]
 
 
 def _checked_suffix(fn: str, path: Path) -> str:

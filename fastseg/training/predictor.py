@@ -9,17 +9,9 @@ from typing import Dict, List, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from fastseg.data.io import IMAGE_SUFFIXES
+from fastseg.data.io import case_name, image_suffix
 from fastseg.training.checkpoint import load_checkpoint
 from fastseg.training.trainer import _resolve_device, build_model, predict_logits
-
-
-def case_name(path: Path) -> str:
-    name = path.name
-    for suffix in IMAGE_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 @dataclass(frozen=True)
@@ -176,8 +168,8 @@ class Predictor:
             iterator = tqdm(paths, desc="predict", unit="case")
         for path in iterator:
             image = read_image(path)
-            suffix = next((s for s in IMAGE_SUFFIXES if path.name.endswith(s)), ".nii.gz")
-            name = case_name(path)
+            suffix = image_suffix(path) or ".nii.gz"
+            name = case_name(path) or path.stem
             if save_probabilities:
                 label, probs = self.predict(image, return_probabilities=True)
                 save_probability_file(out_dir / f"{name}_probs.npz", probs, self.organs, label.spacing)
