@@ -91,6 +91,18 @@ def main(argv=None):
     per = seconds / (len(labels) * len(patches))
     timing = (f"analysis: {seconds:.2f} s for {len(labels)} cases x {len(patches)} patch sizes "
               f"({1e3 * per:.0f} ms per case and patch size; every oversampling ratio comes with it)")
+    # the same statistics of one case from the pure-PyTorch fallback (fastseg._reference), as a yardstick
+    import torch
+    import fastseg.ops.imbalance as ops
+    from fastseg import _extension, _reference
+
+    t = time.perf_counter()
+    _reference.patch_stats(ops._as_label_tensor(labels[0]), [p for size in patches for p in size], len(organs) + 1,
+                           None)
+    ref_per = (time.perf_counter() - t) / len(patches)
+    engine = "compiled fastseg::patch_stats" if _extension.available() else "pure-PyTorch reference"
+    timing += (f"; {engine} on {torch.get_num_threads()} threads. The pure-PyTorch reference takes "
+               f"{1e3 * ref_per:.0f} ms per case and patch size ({ref_per / per:.0f}x)")
     recommendation = ""
     if args.memory_budget is not None:
         t = time.perf_counter()

@@ -5,6 +5,7 @@ targets, so they cost several times the logits in memory.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -227,3 +228,104 @@ def calibration_stats(
     confusion.index_add_(0, pred, torch.stack([agree, conf * agree, miss, conf * miss, zero, zero], dim=1))
     confusion.index_add_(0, y, torch.stack([zero, zero, zero, zero, miss, p_true * miss], dim=1))
     return classwise, top, confusion
+
+
+def patch_stats(label: torch.Tensor, patch_sizes: list[int], num_classes: int,
+                ignore_label: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contract of fastseg::patch_stats (csrc/fastseg.cpp) by explicit window counts.
+
+    label (*spatial) integer labels, 1 to 3 axes; patch_sizes K sizes flattened. Returns (K, 4, C) float64
+    [random count, random presence, foreground count, foreground presence] and (C,) int64 voxel counts.
+    Per class, the patch's voxel count is tabulated at every position whose window can meet the class's
+    bounding box (separable cumulative sums), and read at the start of every foreground voxel's centred
+    patch; memory is about the class's box grown by the patch, in int64.
+    """
+    nd, C = label.dim(), num_classes
+    shape = tuple(label.shape)
+    K = len(patch_sizes) // nd
+    lab = label.long().cpu()
+    if not torch.compiler.is_compiling():
+        check_labels(lab, C, ignore_label, "fastseg::patch_stats")
+    # ignored voxels get code C: a class of their own for the counts, reported nowhere
+    code = lab if ignore_label is None else torch.where(lab == ignore_label, C, lab)
+    totals = torch.bincount(code.reshape(-1), minlength=C + 1)
+    present = [c for c in range(1, C + 1) if totals[c] > 0]
+    fg_classes = [c for c in present if c < C]
+    weight_of = torch.zeros(C + 1, dtype=torch.float64)
+    for c in fg_classes:
+        weight_of[c] = 1.0 / (len(fg_classes) * int(totals[c]))
+
+    voxels = torch.nonzero(code)  # (N, nd) every non-background voxel
+    codes = code[tuple(voxels.T)]
+    fg_weight = weight_of[codes]
+    fg_voxels, fg_weight = voxels[fg_weight > 0], fg_weight[fg_weight > 0]  # sources of foreground patches
+    regions = {c: _crop(code, voxels[codes == c], c) for c in present}
+    nonbg = _crop(code, voxels, None) if present else None
+
+    stats = torch.zeros((K, 4, C), dtype=torch.float64)
+    for k in range(K):
+        patch = patch_sizes[k * nd:(k + 1) * nd]
+        padded = [max(s, p) for s, p in zip(shape, patch)]
+        pad = [(q - s) // 2 for q, s in zip(padded, shape)]
+        last = [q - p for q, p in zip(padded, patch)]
+        positions = math.prod(n + 1 for n in last)
+        starts = torch.stack([(fg_voxels[:, a] + pad[a] - patch[a] // 2).clamp(0, last[a])
+                              for a in range(nd)], dim=1)
+
+        def fg_means(begin: list[int], *grids: torch.Tensor) -> list[float]:
+            """Sum of W(v) * grid[start(v)] over the foreground voxels v, for grids over positions >= begin."""
+            idx = starts - torch.tensor(begin)
+            inside = ((idx >= 0) & (idx < torch.tensor(grids[0].shape))).all(dim=1)
+            at, w = tuple(idx[inside].T), fg_weight[inside]
+            return [float((w * g[at].double()).sum()) for g in grids]
+
+        volume = float(math.prod(patch))
+        counted = [0.0, 0.0]
+        for c in present:
+            counts, begin = _window_counts(*regions[c], patch, pad, last, meets=True)
+            hit = counts > 0
+            rc, rp = float(counts.sum()) / positions, float(hit.sum()) / positions
+            fc, fp = fg_means(begin, counts, hit) if fg_classes else (rc, rp)
+            counted[0] += rc
+            counted[1] += fc
+            if c < C:
+                stats[k, :, c] = torch.tensor([rc, rp, fc, fp], dtype=torch.float64)
+        full_random = full_fg = 0.0
+        if nonbg is not None:
+            full, begin = _window_counts(*nonbg, patch, pad, last, meets=False)
+            inside = full == volume
+            full_random = float(inside.sum()) / positions
+            full_fg = fg_means(begin, inside)[0] if fg_classes else full_random
+        stats[k, :, 0] = torch.tensor([volume - counted[0], 1.0 - full_random, volume - counted[1],
+                                       1.0 - full_fg], dtype=torch.float64)
+    return stats, totals[:C].clone()
+
+
+def _crop(code: torch.Tensor, voxels: torch.Tensor, value: Optional[int]
+          ) -> tuple[torch.Tensor, list[int], list[int]]:
+    """The int64 mask code == value (code != 0 for None) in the bounding box [lo, hi) of its voxels (N, nd)."""
+    lo, hi = voxels.min(dim=0).values.tolist(), (voxels.max(dim=0).values + 1).tolist()
+    box = code[tuple(slice(b, e) for b, e in zip(lo, hi))]
+    return (box != 0 if value is None else box == value).long(), lo, hi
+
+
+def _window_counts(counts: torch.Tensor, lo: list[int], hi: list[int], patch, pad, last,
+                   meets: bool) -> tuple[torch.Tensor, list[int]]:
+    """Voxels of a cropped mask (box [lo, hi)) in the window of each patch position, over the positions
+    whose window meets the box (meets) or lies inside it (not meets); returns the counts and the first
+    position per axis."""
+    nd = counts.dim()
+    begin = []
+    for a in range(nd):
+        # window of position q, in the unpadded image: [q - pad, q - pad + patch)
+        if meets:
+            first, final = max(0, lo[a] + pad[a] - patch[a] + 1), min(last[a], hi[a] - 1 + pad[a])
+        else:
+            first, final = lo[a] + pad[a], min(last[a], hi[a] - patch[a] + pad[a])
+        q = torch.arange(first, max(first, final + 1))
+        start = (q - pad[a] - lo[a]).clamp(0, hi[a] - lo[a])
+        stop = (q - pad[a] + patch[a] - lo[a]).clamp(0, hi[a] - lo[a])
+        table = F.pad(counts.cumsum(a), [0, 0] * (nd - 1 - a) + [1, 0])
+        counts = table.index_select(a, stop) - table.index_select(a, start)
+        begin.append(first)
+    return counts, begin

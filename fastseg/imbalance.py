@@ -63,29 +63,14 @@ keep the candidates to sizes that give the network enough of it.
 
 Algorithm
 ---------
-Everything is separable over the axes and restricted to bounding boxes, and whatever does not depend on
-the patch size is computed once per case:
-
-* Along each axis, the patch positions whose window meets a class's bounding box fall into at most
-  ``min(w + P - 1, 2w - 1)`` *runs* inside which the window clipped to the box is the same (``w`` the box
-  extent), so the count ``n_c(lo)`` is constant on each product of runs. Counts on that grid come from
-  separable cumulative sums of the cropped class mask. The random mode weights a cell by its number of
-  positions; the foreground mode by its probability, the sum of ``W(v) = 1 / (K_case * N_c')`` over the
-  voxels ``v`` (of any class ``c'``) whose centred patch starts there — the inverse of ``clip`` maps a run to
-  an interval of voxels, so this is a box count from each class's summed-volume table.
-* For a large class the grid is larger than the class's box, and it is cheaper to go the other way: the
-  expected random count is the mask contracted with the per-axis coverage counts; presence under random
-  patches is the mask OR-dilated by the patch, bit-packed along the last axis (one bit per position) and
-  dilated along the others with sparse tables, so it costs an area rather than a volume; the foreground mode
-  visits the voxels of each nearby class, grouped into runs that see the same clipped window (counts), and
-  ANDs their columns with the dilation bits (presence). A patch centred on a voxel always contains it.
-* The background's presence is one minus the probability that the patch lies wholly inside the non-
-  background voxels (a bit-packed erosion, skipped when no column has a long enough run); its share is what
-  the classes and the ignore label leave.
-
-Each class takes whichever of the two ways a cost model (fitted on the head-and-neck masks) predicts to be
-cheaper; both are exact. What does not depend on the patch size (crops, cumulative sums, summed-volume
-tables) is computed once per case, and the cases are independent (``num_workers`` processes).
+The statistics of one case for every patch size come from the op ``fastseg::patch_stats`` (CPU kernel
+in ``csrc/imbalance/``, pure-PyTorch reference in :mod:`fastseg._reference`). It reads the label map once
+into runs of equal labels along the last axis and works on runs from then on: presence is a bit-packed
+OR-dilation of each class by the patch (an area's worth of words, not a volume), counts are closed forms
+(per-axis coverages for random patches, one summed-volume table of the foreground weights for foreground
+patches), and the background's presence is one minus the probability that the patch lies wholly inside the
+non-background voxels (a bit-packed erosion). Everything is exact. Patch sizes and classes are independent
+tasks on torch's intra-op threads.
 """
 from __future__ import annotations
 
@@ -102,6 +87,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastseg.ops.imbalance import patch_stats
+
 __all__ = ["analyze_imbalance", "ImbalanceReport", "Recommendation", "imbalance_score",
            "estimate_training_memory"]
 
@@ -115,539 +102,6 @@ def _fail(where: str, name: str, expected: str, got) -> None:
 def _describe(a) -> str:
     a = np.asarray(a)
     return f"{a.dtype} array of shape {tuple(a.shape)}"
-
-
-# --------------------------------------------------------------------------------------------- geometry
-
-
-class _Axis:
-    """One axis of the sampler's geometry for a case of ``size`` voxels and a patch of ``patch`` voxels.
-
-    Coordinates ``u``/``v`` are voxel indices of the unpadded case; ``lo`` are patch positions (padded)."""
-
-    __slots__ = ("size", "patch", "pad", "last", "half", "positions")
-
-    def __init__(self, size: int, patch: int):
-        padded = max(size, patch)
-        self.size, self.patch = size, patch
-        self.pad = (padded - size) // 2
-        self.last = padded - patch
-        self.half = patch // 2
-        self.positions = self.last + 1
-
-    def coverage(self, u: np.ndarray) -> np.ndarray:
-        """Number of positions whose window contains voxel ``u``."""
-        p = u + self.pad
-        return np.minimum(p, self.last) - np.maximum(0, p - self.patch + 1) + 1
-
-    def start(self, v: np.ndarray) -> np.ndarray:
-        """Position of a foreground patch centred on voxel ``v``."""
-        return np.minimum(np.maximum(v + (self.pad - self.half), 0), self.last)
-
-    def sources(self, l: np.ndarray, h: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """Voxels ``v`` with ``start(v)`` in ``[l, h]``: the half-open range ``[vl, vh)`` (``start`` is
-        monotone, so the preimage of an interval is an interval; the clipped ends absorb the border)."""
-        shift = self.half - self.pad
-        vl = np.where(l > 0, np.minimum(np.maximum(l + shift, 0), self.size), 0)
-        vh = np.where(h < self.last, np.minimum(np.maximum(h + shift + 1, 0), self.size), self.size)
-        return vl, np.maximum(vh, vl)
-
-    def window(self, lo: np.ndarray, begin: int, extent: int) -> Tuple[np.ndarray, np.ndarray]:
-        """The window of positions ``lo`` in the coordinates of a box ``[begin, begin + extent)``, clipped."""
-        first = lo - (self.pad + begin)
-        return (np.minimum(np.maximum(first, 0), extent),
-                np.minimum(np.maximum(first + self.patch, 0), extent))
-
-    def reach(self, begin: int, extent: int) -> Tuple[int, int]:
-        """Positions whose window meets ``[begin, begin + extent)``: ``[A, Z]`` (never empty)."""
-        return (max(0, begin + self.pad - self.patch + 1), min(self.last, begin + extent - 1 + self.pad))
-
-
-class _Blocks:
-    """Runs of the positions along one axis that meet a box, inside which the box's clipped window is the
-    same (so is any count of voxels of the box): at most ``min(w + P - 1, 2w - 1)`` of them.
-
-    Attributes:
-        first, last: position range of each run (inclusive).
-        start, stop: its window in box coordinates.
-        vl, vh: the voxels that send a foreground patch into the run, ``[vl, vh)``; consecutive runs own
-            consecutive voxel ranges (``vh[j] == vl[j + 1]``).
-    """
-
-    __slots__ = ("first", "last", "start", "stop", "vl", "vh", "bounds")
-
-    def __init__(self, ax: _Axis, begin: int, extent: int):
-        a, z = ax.reach(begin, extent)
-        lo = np.arange(a, z + 1)
-        i0, i1 = ax.window(lo, begin, extent)
-        cut = np.flatnonzero((i0[1:] != i0[:-1]) | (i1[1:] != i1[:-1])) + 1
-        head = np.concatenate(([0], cut))
-        self.first, self.last = lo[head], lo[np.concatenate((cut, [len(lo)])) - 1]
-        self.start, self.stop = i0[head], i1[head]
-        self.vl, self.vh = ax.sources(self.first, self.last)
-        self.bounds = np.concatenate((self.vl, self.vh[-1:]))
-
-    @classmethod
-    def single(cls, ax: _Axis, positions: np.ndarray) -> "_Blocks":
-        """One run per position (no window: for probability masses only)."""
-        out = cls.__new__(cls)
-        out.first = out.last = positions
-        out.start = out.stop = None
-        out.vl, out.vh = ax.sources(positions, positions)
-        out.bounds = np.concatenate((out.vl, out.vh[-1:]))
-        return out
-
-    def __len__(self) -> int:
-        return len(self.first)
-
-    def overlap(self, begin: int, extent: int) -> Tuple[int, int]:
-        """Runs ``[j0, j1)`` whose voxel ranges meet ``[begin, begin + extent)``."""
-        return (int(np.searchsorted(self.vh, begin, side="right")), int(np.searchsorted(self.vl, begin + extent)))
-
-
-# ------------------------------------------------------------------------------------ separable kernels
-
-
-def _count_dtype(size: int):
-    return np.int32 if size < 2 ** 31 else np.int64
-
-
-def _prefix(x: np.ndarray, axis: int, dtype) -> np.ndarray:
-    """Cumulative sum of ``x`` along ``axis`` with a leading zero (``out[k] = x[:k].sum()``)."""
-    shape = list(x.shape)
-    shape[axis] += 1
-    out = np.empty(shape, dtype)
-    dst = np.moveaxis(out, axis, 0)
-    dst[0] = 0
-    if axis == x.ndim - 1 or x.size < 65536:
-        np.cumsum(x, axis=axis, dtype=dtype, out=np.moveaxis(dst[1:], 0, axis))
-        return out
-    # numpy's cumsum along an outer axis runs its inner loop across the strided axis; adding whole
-    # slabs one after the other is several times faster on large arrays
-    src = np.moveaxis(x, axis, 0)
-    for k in range(src.shape[0]):
-        np.add(dst[k], src[k], out=dst[k + 1], dtype=dtype)
-    return out
-
-
-def _window_sums(mask: np.ndarray, windows: Dict[int, Tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Counts of ``mask`` over a product of windows: along each axis ``a`` in ``windows`` the entry ``j``
-    covers ``[start[j], stop[j])``; the other axes are kept. Separable cumulative sums."""
-    dtype = _count_dtype(mask.size)
-    out = mask
-    # shrinking axes first keeps the intermediate arrays small
-    for a in sorted(windows, key=lambda a: len(windows[a][0]) / max(mask.shape[a], 1)):
-        start, stop = windows[a]
-        table = _prefix(out, a, dtype)
-        out = np.take(table, stop, axis=a)
-        out -= np.take(table, start, axis=a)
-    return out
-
-
-def _window_reduce(x: np.ndarray, axis: int, start: np.ndarray, stop: np.ndarray, op) -> np.ndarray:
-    """``op``-reduction (bitwise OR / AND) of ``x`` over the windows ``[start[j], stop[j])`` along ``axis``.
-
-    A sparse table (levels of power-of-two windows) answers every window with two overlapping lookups,
-    so the cost is ``n log n`` along the axis whatever the window lengths."""
-    length = stop - start
-    level = np.floor(np.log2(length)).astype(np.int64)
-    tables = [x]
-    for k in range(1, int(level.max()) + 1):
-        prev, h = tables[-1], 1 << (k - 1)
-        n = prev.shape[axis] - h
-        lead = [slice(None)] * x.ndim
-        lead[axis] = slice(0, n)
-        tail = list(lead)
-        tail[axis] = slice(h, h + n)
-        tables.append(op(prev[tuple(lead)], prev[tuple(tail)]))
-    shape = list(x.shape)
-    shape[axis] = len(start)
-    out = np.empty(shape, x.dtype)
-    view = np.moveaxis(out, axis, 0)
-    for k in np.unique(level):
-        sel = np.flatnonzero(level == k)
-        t = tables[k]
-        part = op(np.take(t, start[sel], axis=axis), np.take(t, stop[sel] - (1 << int(k)), axis=axis))
-        view[sel] = np.moveaxis(part, axis, 0)
-    return out
-
-
-def _prefix_table(values: np.ndarray, dtype) -> np.ndarray:
-    """Summed-volume table with a zero border: ``T[i] = sum(values[:i0, :i1, ...])``."""
-    table = values
-    for a in range(values.ndim):
-        table = _prefix(table, a, dtype)
-    return table
-
-
-def _interval_counts(table: np.ndarray, bounds: Sequence[np.ndarray]) -> np.ndarray:
-    """Sums over the product of consecutive intervals ``[bounds_a[j], bounds_a[j + 1])`` from a summed-volume
-    table: one gather of the boundary grid, then a difference along each axis."""
-    grid = table[np.ix_(*bounds)]
-    for a in range(grid.ndim):
-        head = (slice(None),) * a
-        grid = grid[head + (slice(1, None),)] - grid[head + (slice(None, -1),)]
-    return grid
-
-
-def _dot(a: np.ndarray, b: np.ndarray) -> float:
-    """``sum(a * b)`` in float64 without BLAS: OpenBLAS wakes its thread pool even for small products, which
-    costs milliseconds per call on a busy machine (einsum's own loop does not)."""
-    return float(np.einsum("i,i->", a.ravel(), b.ravel(), dtype=np.float64))
-
-
-def _weighted_sum(values: np.ndarray, vectors: Sequence[np.ndarray]) -> float:
-    """``sum(values * outer(vectors))`` without forming the outer product (nor calling BLAS)."""
-    out = values
-    for v in reversed(vectors):
-        out = np.einsum("...i,i->...", out, v, dtype=np.float64)
-    return float(out)
-
-
-def _contract(mask: np.ndarray, vectors: Sequence[np.ndarray]) -> float:
-    """``sum(mask * outer(vectors))`` for a 0/1 mask and integer vectors, exactly (integer arithmetic)."""
-    out = np.einsum("...i,i->...", mask.view(np.uint8), vectors[-1].astype(np.int64), dtype=np.int64)
-    return _weighted_sum(out.astype(np.float64), [v.astype(np.float64) for v in vectors[:-1]])
-
-
-# ------------------------------------------------------------------------------------------ one case
-
-
-class _Region:
-    """A 0/1 mask cropped to its bounding box (``begin`` in case coordinates) and the patch-size independent
-    tables built from it on first use: cumulative sums along the last axis and the summed-volume table."""
-
-    def __init__(self, begin: Tuple[int, ...], mask: np.ndarray):
-        self.begin = tuple(int(b) for b in begin)
-        self.mask = np.ascontiguousarray(mask)
-        self.extent = self.mask.shape
-        self.size = int(self.mask.size)
-        self._tail: Optional[np.ndarray] = None
-        self._table: Optional[np.ndarray] = None
-
-    @property
-    def tail(self) -> np.ndarray:
-        """``tail[..., k] = mask[..., :k].sum(-1)``."""
-        if self._tail is None:
-            self._tail = _prefix(self.mask, self.mask.ndim - 1, _count_dtype(self.size))
-        return self._tail
-
-    @property
-    def table(self) -> np.ndarray:
-        """Summed-volume table of the mask (exact integers)."""
-        if self._table is None:
-            self._table = _prefix_table(self.mask, _count_dtype(self.size))
-        return self._table
-
-    def window_sums(self, windows: Sequence[Tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        """Counts of the mask over the product of windows ``[start_a[j], stop_a[j])`` (crop coordinates)."""
-        last = len(windows) - 1
-        start, stop = windows[last]
-        out = np.take(self.tail, stop, axis=last)
-        out -= np.take(self.tail, start, axis=last)
-        return _window_sums(out, {a: windows[a] for a in range(last)}) if last else out
-
-
-@dataclass
-class _CaseStats:
-    """Expected counts and presence per class code of one case for one patch size, both modes."""
-
-    random_count: Dict[int, float] = field(default_factory=dict)
-    random_present: Dict[int, float] = field(default_factory=dict)
-    fg_count: Dict[int, float] = field(default_factory=dict)
-    fg_present: Dict[int, float] = field(default_factory=dict)
-
-
-class _Case:
-    """The patch-size independent tables of one label map, and the exact statistics per patch size."""
-
-    # per-element costs (seconds) of the two ways to treat a class, fitted on the head-and-neck masks
-    _BLOCK_COST = (8e-9, 13e-9, 1e-3)  # per block-grid cell, per cell of a source's sub-grid, fixed
-    _SOURCE_COST = (15e-9, 15e-9, 7.5e-9, 2.5e-3)  # per box voxel, per own-reach voxel, per other's, fixed
-
-    def __init__(self, label: np.ndarray, num_classes: int, ignore_label: Optional[int]):
-        self.shape = label.shape
-        ndim = label.ndim
-        self.regions: Dict[int, _Region] = {}
-        self.counts: Dict[int, int] = {}
-        self.nonbg: Optional[_Region] = None
-        self.foreground: List[int] = []
-        self.weights = np.zeros(num_classes + 1)
-        nonbg = label != 0
-        spans = []
-        for a in range(ndim):
-            hit = np.flatnonzero(nonbg.any(axis=tuple(b for b in range(ndim) if b != a)))
-            if not hit.size:
-                return
-            spans.append((int(hit[0]), int(hit[-1]) + 1))
-        box = tuple(slice(b, e) for b, e in spans)
-        crop = np.ascontiguousarray(label[box])
-        self.nonbg = _Region(tuple(b for b, _ in spans), nonbg[box])
-        self.longest_run = self._longest_runs(self.nonbg.mask)
-        # code num_classes stands for the ignore label, so per-slice bincounts need no special case
-        codes = crop.astype(np.uint8 if num_classes < 255 else np.int64)
-        if ignore_label is not None:
-            codes[crop == ignore_label] = num_classes
-        ncode = num_classes + 1
-        first = np.full((ndim, ncode), -1, np.int64)
-        last = np.full((ndim, ncode), -1, np.int64)
-        total = np.zeros(ncode, np.int64)
-        for a in range(ndim):
-            hits = np.zeros((crop.shape[a], ncode), bool)
-            for i in range(crop.shape[a]):
-                hist = np.bincount(np.take(codes, i, axis=a).ravel(), minlength=ncode)
-                hits[i] = hist > 0
-                if a == 0:
-                    total += hist
-            for c in np.flatnonzero(hits.any(axis=0)):
-                rows = np.flatnonzero(hits[:, c])
-                first[a, c], last[a, c] = rows[0], rows[-1]
-        for code in np.flatnonzero(total[1:]) + 1:
-            code = int(code)
-            sub = tuple(slice(int(first[a, code]), int(last[a, code]) + 1) for a in range(ndim))
-            self.regions[code] = _Region(tuple(spans[a][0] + int(first[a, code]) for a in range(ndim)),
-                                         codes[sub] == code)
-            self.counts[code] = int(total[code])
-        self.foreground = [c for c in self.regions if c != num_classes]
-        # W(v) = Pr(foreground patch centred on v) = 1 / (classes present * voxels of v's class)
-        for c in self.foreground:
-            self.weights[c] = 1.0 / (len(self.foreground) * self.counts[c])
-
-    @staticmethod
-    def _longest_runs(mask: np.ndarray) -> np.ndarray:
-        """Per column (all axes but the last), the longest run of True along the last axis."""
-        run = np.zeros(mask.shape[:-1], np.int32)
-        best = np.zeros_like(run)
-        for k in range(mask.shape[-1]):
-            run += 1
-            run *= mask[..., k]
-            np.maximum(best, run, out=best)
-        return best
-
-    # ---------------------------------------------------------------------------------- per patch size
-
-    def analyze(self, patch: Sequence[int]) -> Tuple[_CaseStats, float, float]:
-        """Exact statistics of every class present for one patch size.
-
-        Returns:
-            (stats keyed by class code, background presence under random patches, under foreground patches).
-        """
-        axes = [_Axis(s, p) for s, p in zip(self.shape, patch)]
-        stats = _CaseStats()
-        for code, region in self.regions.items():
-            self._target(code, region, axes, stats)
-        full_random, full_fg = self._inside_nonbg(axes)
-        return stats, 1.0 - full_random, 1.0 - full_fg
-
-    def _target(self, code: int, region: _Region, axes: List[_Axis], stats: _CaseStats) -> None:
-        """Counts and presence of one class (the target) in both modes, by the cheaper of two exact ways."""
-        blocks = [_Blocks(ax, b, w) for ax, b, w in zip(axes, region.begin, region.extent)]
-        # per source class: the runs of each axis its voxels reach (block path), the box of its voxels
-        # whose patches can meet the target (source path)
-        near: Dict[int, List[Tuple[int, int]]] = {}
-        for s in self.foreground:
-            src = self.regions[s]
-            runs = [bl.overlap(b, w) for bl, b, w in zip(blocks, src.begin, src.extent)]
-            if all(j1 > j0 for j0, j1 in runs):
-                near[s] = runs
-        grid = math.prod(len(bl) for bl in blocks)
-        sub = sum(math.prod(j1 - j0 for j0, j1 in runs) for runs in near.values())
-        block_cost = self._BLOCK_COST[0] * grid + self._BLOCK_COST[1] * sub + self._BLOCK_COST[2]
-        reach = {s: self._reach(self.regions[s], blocks, runs) for s, runs in near.items()}
-        own, mine, other, fixed = self._SOURCE_COST
-        source_cost = own * region.size + fixed + sum(
-            (mine if s == code else other) * math.prod(hi - lo for lo, hi in box) for s, box in reach.items())
-        if block_cost <= source_cost:
-            self._by_blocks(code, region, axes, blocks, near, stats)
-        else:
-            self._by_sources(code, region, axes, blocks, reach, stats)
-
-    @staticmethod
-    def _reach(source: _Region, blocks: List[_Blocks], runs) -> List[Tuple[int, int]]:
-        """The box of ``source`` voxels whose foreground patch can meet the target (``[lo, hi)`` per axis)."""
-        return [(max(b, int(bl.vl[j0])), min(b + w, int(bl.vh[j1 - 1])))
-                for bl, (j0, j1), b, w in zip(blocks, runs, source.begin, source.extent)]
-
-    def _by_blocks(self, code: int, region: _Region, axes: List[_Axis], blocks: List[_Blocks], near,
-                   stats: _CaseStats) -> None:
-        """Counts on the grid of position runs, weighted by positions (random) and probability (foreground)."""
-        positions = math.prod(ax.positions for ax in axes)
-        counts = region.window_sums([(bl.start, bl.stop) for bl in blocks])
-        present = counts > 0
-        mult = [(bl.last - bl.first + 1).astype(np.float64) for bl in blocks]
-        stats.random_count[code] = _weighted_sum(counts, mult) / positions
-        stats.random_present[code] = _weighted_sum(present, mult) / positions
-        if not self.foreground:
-            stats.fg_count[code] = stats.random_count[code]
-            stats.fg_present[code] = stats.random_present[code]
-            return
-        mass = self._foreground_mass(blocks, near)
-        stats.fg_count[code] = _dot(mass, counts)
-        stats.fg_present[code] = _dot(mass, present)
-
-    def _foreground_mass(self, blocks: Sequence[_Blocks], near) -> np.ndarray:
-        """Foreground-mode probability of each product of runs: per source class, its voxels in the box of
-        voxels that send the patch there (exact counts from its summed-volume table), times its weight."""
-        mass = np.zeros(tuple(len(bl) for bl in blocks))
-        for s, runs in near.items():
-            src = self.regions[s]
-            bounds = [np.minimum(np.maximum(bl.bounds[j0:j1 + 1] - b, 0), w)
-                      for bl, (j0, j1), b, w in zip(blocks, runs, src.begin, src.extent)]
-            mass[tuple(slice(j0, j1) for j0, j1 in runs)] += self.weights[s] * _interval_counts(src.table, bounds)
-        return mass
-
-    def _by_sources(self, code: int, region: _Region, axes: List[_Axis], blocks: List[_Blocks], reach,
-                    stats: _CaseStats) -> None:
-        """Large classes: random count by contraction with the coverage, random presence by bit dilation,
-        foreground statistics source class by source class."""
-        positions = math.prod(ax.positions for ax in axes)
-        cover = [ax.coverage(np.arange(b, b + w)) for ax, b, w in zip(axes, region.begin, region.extent)]
-        stats.random_count[code] = _contract(region.mask, cover) / positions
-        bits, first = self._dilation_bits(region, axes, blocks)
-        per_cell = np.bitwise_count(bits).sum(axis=-1, dtype=np.int64).astype(np.float64)
-        mult = [(bl.last - bl.first + 1).astype(np.float64) for bl in blocks[:-1]]
-        stats.random_present[code] = _weighted_sum(per_cell, mult) / positions
-        if not self.foreground:
-            stats.fg_count[code] = stats.random_count[code]
-            stats.fg_present[code] = stats.random_present[code]
-            return
-        total = present = 0.0
-        for s, box in reach.items():
-            source = self.regions[s]
-            total += self.weights[s] * self._pair_count(region, source, axes, box)
-            # a patch centred on a voxel always contains it
-            hits = self.counts[s] if s == code else self._pair_presence(source, axes, blocks, box, bits, first)
-            present += self.weights[s] * hits
-        stats.fg_count[code], stats.fg_present[code] = total, present
-
-    @staticmethod
-    def _dilation_bits(region: _Region, axes: List[_Axis], blocks: List[_Blocks]) -> Tuple[np.ndarray, int]:
-        """Presence of ``region`` in the patch at every position that can meet it: the mask OR-dilated by
-        the patch, one bit per position along the last axis (packed, from position ``first``), the other
-        axes on their run grids (sparse-table OR over each run's window).
-
-        Returns:
-            (uint8 array (runs_0, ..., bytes), first position of the last axis).
-        """
-        last = region.mask.ndim - 1
-        ax = axes[last]
-        a, z = ax.reach(region.begin[last], region.extent[last])
-        start, stop = ax.window(np.arange(a, z + 1), region.begin[last], region.extent[last])
-        counts = np.take(region.tail, stop, axis=last)
-        counts -= np.take(region.tail, start, axis=last)
-        bits = np.packbits(counts > 0, axis=last)
-        for d in range(last):
-            bits = _window_reduce(bits, d, blocks[d].start, blocks[d].stop, np.bitwise_or)
-        return bits, a
-
-    @staticmethod
-    def _pair_count(target: _Region, source: _Region, axes: List[_Axis], box) -> float:
-        """Sum over the ``source`` voxels ``v`` of the target's count in the patch centred on ``v``; voxels
-        are grouped into runs that give the same window on the target's box."""
-        crop, cuts, windows = [], [], []
-        for ax, (lo, hi), sb, tb, tw in zip(axes, box, source.begin, target.begin, target.extent):
-            crop.append(slice(lo - sb, hi - sb))
-            start, stop = ax.window(ax.start(np.arange(lo, hi)), tb, tw)
-            cut = np.concatenate(([0], np.flatnonzero((start[1:] != start[:-1]) | (stop[1:] != stop[:-1])) + 1))
-            cuts.append(cut)
-            windows.append((start[cut], stop[cut]))
-        voxels = source.mask[tuple(crop)]
-        counts = voxels.view(np.uint8)
-        for d in sorted(range(len(cuts)), key=lambda d: len(cuts[d]) / voxels.shape[d]):
-            if len(cuts[d]) < counts.shape[d]:
-                counts = np.add.reduceat(counts, cuts[d], axis=d, dtype=_count_dtype(voxels.size))
-        return _dot(counts, target.window_sums(windows))
-
-    @staticmethod
-    def _pair_presence(source: _Region, axes: List[_Axis], blocks: List[_Blocks], box, bits: np.ndarray,
-                       first: int) -> int:
-        """Number of ``source`` voxels whose centred patch contains the target, from the target's dilation
-        bits: per source column, AND of its voxels' positions (as bits) with the target's column, popcount.
-        Along the last axis ``start`` is one-to-one except at the two clipped ends, which are counted."""
-        last = len(axes) - 1
-        cols = tuple(slice(lo - b, hi - b) for (lo, hi), b in zip(box[:last], source.begin[:last]))
-        rows = [np.searchsorted(blocks[d].first, axes[d].start(np.arange(*box[d])), side="right") - 1
-                for d in range(last)]
-        target = bits[np.ix_(*rows)] if rows else bits
-        ax, (lo, hi), b = axes[last], box[last], source.begin[last]
-        pos = ax.start(np.arange(lo, hi))
-        # voxels [lo, i0) sit at position 0, [i1, hi) at the last position, [i0, i1) one position each
-        i0 = lo + int(np.searchsorted(pos, 1))
-        i1 = max(i0, lo + int(np.searchsorted(pos, ax.last)))
-        hits = 0
-        if i1 > i0:
-            offset = int(pos[i0 - lo]) - first
-            shift = offset % 8
-            column = np.zeros(tuple(s.stop - s.start for s in cols) + (shift + i1 - i0,), bool)
-            column[..., shift:] = source.mask[cols + (slice(i0 - b, i1 - b),)]
-            packed = np.packbits(column, axis=-1)
-            byte = offset // 8
-            hits += int(np.bitwise_count(packed & target[..., byte:byte + packed.shape[-1]]).sum(dtype=np.int64))
-        tail = source.tail[cols]
-        for v0, v1, p in ((lo, i0, 0), (i1, hi, ax.last)):
-            if v1 > v0:
-                k = p - first
-                bit = (target[..., k // 8] >> (7 - k % 8)) & 1
-                count = tail[..., v1 - b] - tail[..., v0 - b]
-                hits += int((count.astype(np.int64) * bit).sum())
-        return hits
-
-    def _inside_nonbg(self, axes: List[_Axis]) -> Tuple[float, float]:
-        """Probability (random, foreground mode) that the patch holds no background voxel at all: the
-        non-background mask AND-eroded by the patch, bit-packed like :meth:`_dilation_bits`.
-
-        A patch inside the non-background voxels needs columns whose longest run along the last axis covers
-        the patch, a whole in-plane window of them; that test (on a 2D array) settles most patch sizes and
-        confines the exact erosion to the columns that pass it."""
-        region = self.nonbg
-        if region is None:
-            return 0.0, 0.0
-        last = region.mask.ndim - 1
-        box = [(0, w) for w in region.extent]
-        if last:
-            tall = self.longest_run >= axes[last].patch
-            wins = {d: (np.arange(0, max(0, tall.shape[d] - axes[d].patch + 1)),
-                        np.arange(axes[d].patch, tall.shape[d] + 1)) for d in range(last)}
-            if any(len(w[0]) == 0 for w in wins.values()):
-                return 0.0, 0.0
-            fits = _window_sums(tall, wins) == math.prod(ax.patch for ax in axes[:last])
-            if not fits.any():
-                return 0.0, 0.0
-            for d in range(last):
-                hit = np.flatnonzero(fits.any(axis=tuple(e for e in range(last) if e != d)))
-                box[d] = (int(hit[0]), int(hit[-1]) + axes[d].patch)
-        elif self.longest_run < axes[0].patch:
-            return 0.0, 0.0
-        begin = [b + lo for b, (lo, _) in zip(region.begin, box)]
-        mask = region.mask[tuple(slice(lo, hi) for lo, hi in box)]
-        ranges = []
-        for ax, b, (lo, hi) in zip(axes, begin, box):
-            a, z = max(0, b + ax.pad), min(ax.last, b + (hi - lo) + ax.pad - ax.patch)
-            if z < a:
-                return 0.0, 0.0  # the patch never fits inside the box (it would reach into the padding)
-            ranges.append(np.arange(a, z + 1))
-        wins = [ax.window(r, b, hi - lo) for ax, r, b, (lo, hi) in zip(axes, ranges, begin, box)]
-        full = _window_sums(mask, {last: wins[last]}) == axes[last].patch
-        if not full.any():
-            return 0.0, 0.0
-        bits = np.packbits(full, axis=last)
-        for d in range(last):
-            bits = _window_reduce(bits, d, wins[d][0], wins[d][1], np.bitwise_and)
-        positions = math.prod(ax.positions for ax in axes)
-        inside = float(np.bitwise_count(bits).sum(dtype=np.int64))
-        if inside == 0 or not self.foreground:
-            return inside / positions, inside / positions
-        full = np.unpackbits(bits, axis=last, count=len(ranges[last])).astype(bool)
-        hit = [np.flatnonzero(full.any(axis=tuple(e for e in range(full.ndim) if e != d))) for d in range(full.ndim)]
-        sub = tuple(slice(int(h[0]), int(h[-1]) + 1) for h in hit)
-        picked = [_Blocks.single(ax, r[s]) for ax, r, s in zip(axes, ranges, sub)]
-        near = {}
-        for s in self.foreground:
-            src = self.regions[s]
-            runs = [bl.overlap(b, w) for bl, b, w in zip(picked, src.begin, src.extent)]
-            if all(j1 > j0 for j0, j1 in runs):
-                near[s] = runs
-        return inside / positions, _dot(self._foreground_mass(picked, near), full[sub])
 
 
 # ------------------------------------------------------------------------------------------- the score
@@ -1125,20 +579,8 @@ def _analyze_case(label: np.ndarray, sizes: Sequence[Tuple[int, ...]], num_class
                   ignore_label: Optional[int]) -> Tuple[np.ndarray, List[int]]:
     """One case, every patch size: (4, n_patch, C) expected count and presence under random patches, then
     under foreground patches; and the classes present."""
-    case = _Case(label, num_classes, ignore_label)
-    out = np.zeros((4, len(sizes), num_classes))
-    for k, patch in enumerate(sizes):
-        stats, bg_random, bg_fg = case.analyze(patch)
-        volume = float(math.prod(patch))
-        # the background is what the classes and the ignore label leave of the patch
-        out[0, k, 0] = volume - sum(stats.random_count.values())
-        out[2, k, 0] = volume - sum(stats.fg_count.values())
-        out[1, k, 0], out[3, k, 0] = bg_random, bg_fg
-        for code in stats.random_count:
-            if code < num_classes:
-                out[:, k, code] = (stats.random_count[code], stats.random_present[code],
-                                   stats.fg_count[code], stats.fg_present[code])
-    return out, [c for c in case.regions if c < num_classes]
+    stats, counts = patch_stats(label, sizes, num_classes, ignore_label)
+    return stats.numpy().transpose(1, 0, 2), (torch.nonzero(counts[1:]).flatten() + 1).tolist()
 
 
 def analyze_imbalance(label_maps: Sequence[np.ndarray], patch_sizes: Sequence[Sequence[int]], *,
@@ -1160,8 +602,9 @@ def analyze_imbalance(label_maps: Sequence[np.ndarray], patch_sizes: Sequence[Se
             :meth:`ImbalanceReport.best`.
         ignore_label: a label value that counts for no class and is never a foreground class (not 0).
         batch_size: patches per batch, for the score's presence term and the memory estimate.
-        num_workers: analyse the cases in this many processes (0: in this process). Cases are independent,
-            so the time divides by about the number of cores; the result is the same.
+        num_workers: analyse the cases in this many processes (0: in this process), which share torch's
+            intra-op threads between them. The op already runs on those threads, so this pays only when a
+            case has fewer classes x patch sizes than there are cores; the result is the same.
 
     Returns:
         :class:`ImbalanceReport`.
@@ -1241,11 +684,15 @@ def analyze_imbalance(label_maps: Sequence[np.ndarray], patch_sizes: Sequence[Se
         for i in range(n_cases):
             add(_analyze_case(load(i), sizes, num_classes, ignore_label))
     else:
+        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         # cases go out one at a time, at most 2 per worker in flight, so a lazy label_maps sequence is
-        # never held in memory as a whole; results come back in order, so the sums do not depend on timing
-        with ProcessPoolExecutor(max_workers=num_workers) as pool:
+        # never held in memory as a whole; results come back in order, so the sums do not depend on timing.
+        # Spawned, not forked: a child forked after the op has used the OpenMP thread pool hangs.
+        threads = max(1, torch.get_num_threads() // num_workers)
+        with ProcessPoolExecutor(max_workers=num_workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
             pending = []
             for i in range(n_cases):
                 pending.append(pool.submit(_analyze_case, load(i), sizes, num_classes, ignore_label))

@@ -1,6 +1,7 @@
 """Exact imbalance analysis (fastseg.imbalance) against a brute-force count over every patch position and
 every foreground-voxel choice of small 2D and 3D label maps (padding, ignore label, absent classes, cases
-without foreground, several shapes), oversampling mixtures, the score formula, both computation paths,
+without foreground, several shapes) on the compiled op and on its reference, the op against the
+reference on larger maps (dtypes, threads, opcheck), oversampling mixtures, the score formula,
 the patch-size recommendation under a memory budget, the memory estimate (analytic count and torch's CPU
 memory profiler), a Monte-Carlo cross-check with fastseg.data.sampling.PatchSampler, the outputs, and
 argument errors.
@@ -21,6 +22,8 @@ import torch
 from torch import nn
 
 import fastseg.imbalance as imb
+import fastseg.ops.imbalance
+from fastseg import _extension, _reference
 from fastseg.imbalance import ImbalanceReport, analyze_imbalance, estimate_training_memory
 
 TOL = 1e-12
@@ -99,15 +102,19 @@ def blobs(rng, shape, classes, density=0.5, ignore_label=None):
     return label
 
 
-@pytest.fixture(params=["auto", "blocks", "sources"])
-def path(request, monkeypatch):
-    """Force one of the two exact computation paths for every class (or leave the cost model to pick)."""
-    if request.param == "blocks":
-        monkeypatch.setattr(imb._Case, "_BLOCK_COST", (0.0, 0.0, 0.0))
-        monkeypatch.setattr(imb._Case, "_SOURCE_COST", (1.0, 1.0, 1.0, 1.0))
-    elif request.param == "sources":
-        monkeypatch.setattr(imb._Case, "_BLOCK_COST", (1.0, 1.0, 1.0))
-        monkeypatch.setattr(imb._Case, "_SOURCE_COST", (0.0, 0.0, 0.0, 0.0))
+def reference_patch_stats(label, patch_sizes, num_classes, ignore_label=None):
+    lab = fastseg.ops.imbalance._as_label_tensor(label)
+    return _reference.patch_stats(lab, [int(p) for size in patch_sizes for p in size], num_classes, ignore_label)
+
+
+@pytest.fixture(params=["op", "reference"])
+def impl(request, monkeypatch):
+    """Run the analysis on the compiled fastseg::patch_stats or on its pure-PyTorch reference."""
+    if request.param == "op":
+        if not _extension.available():
+            pytest.skip(f"compiled extension not loaded: {_extension.unavailable_reason()}")
+    else:
+        monkeypatch.setattr(imb, "patch_stats", reference_patch_stats)
     return request.param
 
 
@@ -130,7 +137,7 @@ def check_against_oracle(labels, patches, num_classes, ignore_label=None, ratios
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-def test_random_maps_match_brute_force(ndim, path):
+def test_random_maps_match_brute_force(ndim, impl):
     rng = np.random.default_rng(10 + ndim)
     for trial in range(12):
         num_classes = int(rng.integers(2, 5))
@@ -142,7 +149,7 @@ def test_random_maps_match_brute_force(ndim, path):
         check_against_oracle(labels, patches, num_classes)
 
 
-def test_padding_ignore_absent_and_empty_cases(path):
+def test_padding_ignore_absent_and_empty_cases(impl):
     # case 0 smaller than the patch on two axes (padded), case 1 without foreground, case 2 with the ignore
     # label and a class (3) that no other case has; class 4 occurs nowhere
     rng = np.random.default_rng(3)
@@ -158,7 +165,7 @@ def test_padding_ignore_absent_and_empty_cases(path):
     assert np.all(ignored > 0)
 
 
-def test_long_last_axis_bit_packing(path):
+def test_long_last_axis_bit_packing(impl):
     # positions along the last axis are bit-packed: runs across byte boundaries, clipped ends with several
     # voxels, a patch longer than the case
     rng = np.random.default_rng(5)
@@ -168,7 +175,7 @@ def test_long_last_axis_bit_packing(path):
     check_against_oracle(labels2d, [(2, 17), (3, 40)], num_classes=3)
 
 
-def test_patch_inside_organs_leaves_out_background(path):
+def test_patch_inside_organs_leaves_out_background(impl):
     # organs larger than the patch: some patches hold no background, so its presence is below one
     label = np.zeros((10, 9, 8), np.int64)
     label[1:8, 1:8, 1:7] = 1
@@ -178,7 +185,7 @@ def test_patch_inside_organs_leaves_out_background(path):
     assert report.presence_random[1, 0] == 1
 
 
-def test_one_dimensional_maps(path):
+def test_one_dimensional_maps(impl):
     rng = np.random.default_rng(8)
     labels = [blobs(rng, (n,), [1, 2]) for n in (5, 17, 30)]
     check_against_oracle(labels, [(4,), (20,), (1,)], num_classes=3)
@@ -195,6 +202,88 @@ def test_score_follows_its_definition():
             expected = score_formula((1 - o) * fr + o * ff, (1 - o) * pr + o * pf, [True] * 4 + [False], 3)
             assert report.score[k, j] == pytest.approx(expected, rel=1e-12)
             assert report.score[k, j] ** 2 == pytest.approx(report.share_term[k, j] + report.presence_term[k, j])
+
+
+# ------------------------------------------------------------------------------------------- the op
+
+needs_op = pytest.mark.skipif(not _extension.available(), reason="compiled extension not loaded")
+
+
+def larger_maps(rng):
+    """Maps too large for the brute force: long rows (several 64-bit words), organs larger than patches."""
+    yield blobs(rng, (12, 30, 150), range(1, 6)), 6, None
+    yield blobs(rng, (25, 40, 33), range(1, 4), ignore_label=7), 4, 7
+    yield blobs(rng, (70, 130), range(1, 5)), 5, None
+    yield blobs(rng, (15, 18, 66), [1, 3], ignore_label=2), 4, 2  # an ignore label inside the class range
+    solid = np.ones((9, 20, 70), np.int64)
+    solid[2:5, 3:15, 10:60] = 2
+    yield solid, 3, None
+
+
+@needs_op
+def test_op_matches_reference_on_larger_maps():
+    rng = np.random.default_rng(21)
+    for label, C, ignore in larger_maps(rng):
+        nd = label.ndim
+        sizes = [tuple(int(p) for p in rng.integers(1, 2 * max(label.shape), size=nd)) for _ in range(3)]
+        sizes += [(1,) * nd, tuple(label.shape), tuple(s + 65 for s in label.shape)]
+        got, got_counts = fastseg.ops.imbalance.patch_stats(label, sizes, C, ignore)
+        want, want_counts = reference_patch_stats(label, sizes, C, ignore)
+        assert torch.equal(got_counts, want_counts)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-12, atol=1e-9)
+
+
+@needs_op
+def test_op_accepts_every_label_dtype():
+    rng = np.random.default_rng(22)
+    label = blobs(rng, (7, 9, 80), [1, 2])
+    sizes = [(3, 4, 20), (8, 8, 100)]
+    want = fastseg.ops.imbalance.patch_stats(label, sizes, 3)
+    for dtype in (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.uint32, np.uint64):
+        got = fastseg.ops.imbalance.patch_stats(label.astype(dtype), sizes, 3)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), dtype
+    mask = label > 0
+    got = fastseg.ops.imbalance.patch_stats(torch.from_numpy(mask), sizes, 2)
+    ref = reference_patch_stats(mask.astype(np.int64), sizes, 2)
+    np.testing.assert_allclose(got[0].numpy(), ref[0].numpy(), rtol=1e-12, atol=1e-9)
+
+
+@needs_op
+def test_op_does_not_depend_on_the_thread_count():
+    rng = np.random.default_rng(23)
+    label = blobs(rng, (20, 40, 90), range(1, 8))
+    sizes = [(8, 16, 32), (16, 32, 64), (4, 4, 4), (20, 40, 90)]
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results.append(fastseg.ops.imbalance.patch_stats(label, sizes, 8))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@needs_op
+def test_op_errors_and_opcheck():
+    label = torch.zeros((4, 5, 6), dtype=torch.uint8)
+    label[1, 2, 3] = 3
+    op = torch.ops.fastseg.patch_stats
+    with pytest.raises(ValueError, match=r"label values must lie in \[0, num_classes=3\)"):
+        op(label, [2, 2, 2], 3, None)
+    op(label, [2, 2, 2], 3, 3)  # the same value as ignore_label is fine
+    with pytest.raises(ValueError, match="1 to 3 spatial axes"):
+        op(label[None, None], [2, 2, 2, 2, 2], 4, None)
+    with pytest.raises(ValueError, match="patch_sizes must hold K \\* 3"):
+        op(label, [2, 2], 4, None)
+    with pytest.raises(ValueError, match="patch sizes must be >= 1"):
+        op(label, [2, 0, 2], 4, None)
+    with pytest.raises(ValueError, match="must hold integers"):
+        op(label.float(), [2, 2, 2], 4, None)
+    with pytest.raises(ValueError, match="ignore_label must not be 0"):
+        op(label, [2, 2, 2], 4, 0)
+    torch.library.opcheck(op, (label.long(), [2, 3, 4, 5, 5, 7], 4, None))
+    torch.library.opcheck(op, (label, [3, 3, 3], 3, 3))
 
 
 def test_workers_give_the_same_result():
@@ -418,8 +507,10 @@ def test_argument_errors():
 
 
 @pytest.mark.slow
-def test_real_masks_both_paths_agree():
+def test_real_masks_op_matches_reference():
     nrrd = pytest.importorskip("nrrd")
+    if not _extension.available():
+        pytest.skip(f"compiled extension not loaded: {_extension.unavailable_reason()}")
     folder = DATA / "validation" / "oncologist" / "0522c0014" / "segmentations"
     if not folder.is_dir():
         pytest.skip(f"no data at {folder}")
@@ -430,13 +521,10 @@ def test_real_masks_both_paths_agree():
         label = np.zeros(mask.shape, np.uint8) if label is None else label
         label[(mask != 0) & (label == 0)] = value
     patches = [(48, 96, 96), (16, 64, 64)]
-    results = []
-    for blocks in (True, False):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(imb._Case, "_BLOCK_COST", (0.0, 0.0, 0.0) if blocks else (1.0, 1.0, 1.0))
-            mp.setattr(imb._Case, "_SOURCE_COST", (1.0,) * 4 if blocks else (0.0,) * 4)
-            results.append(analyze_imbalance([label], patches, num_classes=len(organs) + 1))
-    a, b = results
+    a = analyze_imbalance([label], patches, num_classes=len(organs) + 1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(imb, "patch_stats", reference_patch_stats)
+        b = analyze_imbalance([label], patches, num_classes=len(organs) + 1)
     for name in ("presence_random", "presence_foreground", "fraction_random", "fraction_foreground"):
         np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-12, atol=1e-15)
     # the lens is always present in a patch centred on it, and rarely in a random one

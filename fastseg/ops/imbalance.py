@@ -1,0 +1,61 @@
+"""fastseg::patch_stats: schema in csrc/fastseg.cpp, CPU kernel in csrc/imbalance/, fake kernel here.
+
+The op has no CUDA kernel on purpose: it reads a data set's label maps, which live in host memory, and
+its work is run-structured scans and bit operations that finish a 512 x 512 x 160 map in well under a
+second on one core; a CUDA tensor is analysed on the host.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from fastseg import _extension, _reference
+
+NUM_STATS = 4  # [random count, random presence, foreground count, foreground presence]
+
+
+def _as_label_tensor(label) -> torch.Tensor:
+    if isinstance(label, torch.Tensor):
+        return label.detach().cpu()
+    label = np.asarray(label)
+    # torch has no (or only partial) unsigned types beyond uint8; the values are class labels, so widening
+    # is exact
+    if label.dtype in (np.uint16, np.uint32):
+        label = label.astype(np.int64)
+    elif label.dtype == np.uint64:
+        if label.size and int(label.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"fastseg::patch_stats: label values must lie below 2**63, got {int(label.max())}")
+        label = label.astype(np.int64)
+    return torch.from_numpy(np.ascontiguousarray(label))
+
+
+def patch_stats(label, patch_sizes: Sequence[Sequence[int]], num_classes: int,
+                ignore_label: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact patch-sampling statistics of one label map: ((K, 4, C) float64, (C,) int64 voxel counts).
+
+    label: (*spatial) integer labels (numpy array or tensor), 1 to 3 axes; patch_sizes: K sizes of one
+    int per axis. The four statistics per class are the expected voxel count in a random patch, the
+    probability that a random patch holds the class, and the same two under foreground patches (the
+    sampler of fastseg.data.sampling; the contract is in csrc/fastseg.cpp). Runs the compiled kernel, or
+    fastseg._reference without it.
+    """
+    lab = _as_label_tensor(label)
+    flat = [int(p) for size in patch_sizes for p in size]
+    if _extension.available():
+        return torch.ops.fastseg.patch_stats(lab, flat, num_classes, ignore_label)
+    return _reference.patch_stats(lab, flat, num_classes, ignore_label)
+
+
+if _extension.available():
+
+    @torch.library.register_fake("fastseg::patch_stats")
+    def _patch_stats_fake(label, patch_sizes, num_classes, ignore_label):
+        op = "fastseg::patch_stats"
+        torch._check(1 <= label.dim() <= 3, lambda: f"{op}: label must have 1 to 3 axes, got {tuple(label.shape)}")
+        torch._check(len(patch_sizes) > 0 and len(patch_sizes) % label.dim() == 0,
+                     lambda: f"{op}: patch_sizes must hold K * {label.dim()} integers, got {patch_sizes}")
+        K = len(patch_sizes) // label.dim()
+        return (label.new_empty((K, NUM_STATS, num_classes), dtype=torch.float64),
+                label.new_empty((num_classes,), dtype=torch.int64))
