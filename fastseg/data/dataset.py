@@ -25,6 +25,7 @@ import json
 import os
 import re
 import string
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -646,8 +647,10 @@ class DatasetSpec:
         first_path = next(iter(paths.values()))
         reference = None
         masks = {}
-        for organ, path in paths.items():
-            img = read_image(path)
+        # one file per organ: reading is mostly zlib inflating (it releases the GIL), so threads overlap it
+        with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1)) as pool:
+            images = list(pool.map(read_image, paths.values()))
+        for (organ, path), img in zip(paths.items(), images):
             if reference is None:
                 reference = img
             else:
