@@ -242,6 +242,9 @@ def test_op_accepts_every_label_dtype():
     for dtype in (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.uint32, np.uint64):
         got = fastseg.ops.imbalance.patch_stats(label.astype(dtype), sizes, 3)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), dtype
+    for dtype in (torch.uint16, torch.uint32, torch.uint64):
+        got = fastseg.ops.imbalance.patch_stats(torch.from_numpy(label).to(dtype), sizes, 3)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), dtype
     mask = label > 0
     got = fastseg.ops.imbalance.patch_stats(torch.from_numpy(mask), sizes, 2)
     ref = reference_patch_stats(mask.astype(np.int64), sizes, 2)

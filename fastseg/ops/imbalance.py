@@ -17,12 +17,17 @@ NUM_STATS = 4  # [random count, random presence, foreground count, foreground pr
 
 
 def _as_label_tensor(label) -> torch.Tensor:
+    """A CPU tensor of a dtype the kernel reads; unsigned types wider than 8 bits are widened (exactly)."""
     if isinstance(label, torch.Tensor):
-        return label.detach().cpu()
+        label = label.detach().cpu()
+        wide = {torch.uint16: torch.int32, torch.uint32: torch.int64}
+        if label.dtype == torch.uint64:
+            label = _as_label_tensor(label.numpy())
+        return label.to(wide[label.dtype]) if label.dtype in wide else label
     label = np.asarray(label)
-    # torch has no (or only partial) unsigned types beyond uint8; the values are class labels, so widening
-    # is exact
-    if label.dtype in (np.uint16, np.uint32):
+    if label.dtype == np.uint16:
+        label = label.astype(np.int32)
+    elif label.dtype == np.uint32:
         label = label.astype(np.int64)
     elif label.dtype == np.uint64:
         if label.size and int(label.max()) > np.iinfo(np.int64).max:
