@@ -93,12 +93,11 @@ def main(argv=None):
               f"({1e3 * per:.0f} ms per case and patch size; every oversampling ratio comes with it)")
     # the same statistics of one case from the pure-PyTorch fallback (fastseg._reference), as a yardstick
     import torch
-    import fastseg.ops.imbalance as ops
-    from fastseg import _extension, _reference
+    from fastseg import _extension
+    from fastseg.ops.imbalance import reference_patch_stats
 
     t = time.perf_counter()
-    _reference.patch_stats(ops._as_label_tensor(labels[0]), [p for size in patches for p in size], len(organs) + 1,
-                           None)
+    reference_patch_stats(labels[0], patches, len(organs) + 1)
     ref_per = (time.perf_counter() - t) / len(patches)
     engine = "compiled fastseg::patch_stats" if _extension.available() else "pure-PyTorch reference"
     timing += (f"; {engine} on {torch.get_num_threads()} threads. The pure-PyTorch reference takes "

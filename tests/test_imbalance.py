@@ -23,7 +23,8 @@ from torch import nn
 
 import fastseg.imbalance as imb
 import fastseg.ops.imbalance
-from fastseg import _extension, _reference
+from fastseg import _extension
+from fastseg.ops.imbalance import reference_patch_stats
 from fastseg.imbalance import ImbalanceReport, analyze_imbalance, estimate_training_memory
 
 TOL = 1e-12
@@ -100,11 +101,6 @@ def blobs(rng, shape, classes, density=0.5, ignore_label=None):
     speckle = rng.random(shape) < 0.05 * density
     label[speckle] = rng.choice(list(classes), size=int(speckle.sum()))
     return label
-
-
-def reference_patch_stats(label, patch_sizes, num_classes, ignore_label=None):
-    lab = fastseg.ops.imbalance._as_label_tensor(label)
-    return _reference.patch_stats(lab, [int(p) for size in patch_sizes for p in size], num_classes, ignore_label)
 
 
 @pytest.fixture(params=["op", "reference"])

@@ -20,10 +20,9 @@ def _as_label_tensor(label) -> torch.Tensor:
     """A CPU tensor of a dtype the kernel reads; unsigned types wider than 8 bits are widened (exactly)."""
     if isinstance(label, torch.Tensor):
         label = label.detach().cpu()
-        wide = {torch.uint16: torch.int32, torch.uint32: torch.int64}
-        if label.dtype == torch.uint64:
-            label = _as_label_tensor(label.numpy())
-        return label.to(wide[label.dtype]) if label.dtype in wide else label
+        if label.dtype not in (torch.uint16, torch.uint32, torch.uint64):
+            return label
+        label = label.numpy()
     label = np.asarray(label)
     if label.dtype == np.uint16:
         label = label.astype(np.int32)
@@ -36,6 +35,10 @@ def _as_label_tensor(label) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(label))
 
 
+def _flat(patch_sizes: Sequence[Sequence[int]]) -> list:
+    return [int(p) for size in patch_sizes for p in size]
+
+
 def patch_stats(label, patch_sizes: Sequence[Sequence[int]], num_classes: int,
                 ignore_label: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact patch-sampling statistics of one label map: ((K, 4, C) float64, (C,) int64 voxel counts).
@@ -46,11 +49,15 @@ def patch_stats(label, patch_sizes: Sequence[Sequence[int]], num_classes: int,
     sampler of fastseg.data.sampling; the contract is in csrc/fastseg.cpp). Runs the compiled kernel, or
     fastseg._reference without it.
     """
-    lab = _as_label_tensor(label)
-    flat = [int(p) for size in patch_sizes for p in size]
-    if _extension.available():
-        return torch.ops.fastseg.patch_stats(lab, flat, num_classes, ignore_label)
-    return _reference.patch_stats(lab, flat, num_classes, ignore_label)
+    if not _extension.available():
+        return reference_patch_stats(label, patch_sizes, num_classes, ignore_label)
+    return torch.ops.fastseg.patch_stats(_as_label_tensor(label), _flat(patch_sizes), num_classes, ignore_label)
+
+
+def reference_patch_stats(label, patch_sizes: Sequence[Sequence[int]], num_classes: int,
+                          ignore_label: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`patch_stats` on fastseg._reference whether or not the kernel is loaded (tests, benchmarks)."""
+    return _reference.patch_stats(_as_label_tensor(label), _flat(patch_sizes), num_classes, ignore_label)
 
 
 if _extension.available():
