@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -363,10 +364,10 @@ class Trainer:
             else:
                 d = dice_score(pred.argmax(0)[None], target[None].long(), num_classes=len(organs) + 1)
             scores.append(d[0].double().numpy())
-        per_organ = np.nanmean(np.stack(scores), 0)
+        per_organ = _quiet_nanmean(np.stack(scores), 0)
         result = {name: float(v) for name, v in zip(organs, per_organ)}
         self.history.append({"iteration": self.iteration, "val_dice": result,
-                             "val_mean_dice": float(np.nanmean(per_organ))})
+                             "val_mean_dice": float(_quiet_nanmean(per_organ))})
         self._barrier()
         return result
 
@@ -492,6 +493,13 @@ def prepare_cases(cases: Sequence[Any], spacing: Sequence[float], window: Sequen
         p = preprocess_case(case.image.array, case.image.spacing, label, target_spacing=spacing, window=window)
         prepared.append(PreparedCase(case.name, p.image, p.label))
     return prepared
+
+
+def _quiet_nanmean(a: np.ndarray, axis=None):
+    """np.nanmean, nan without a warning for an organ absent from every validation case."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(a, axis)
 
 
 def _to_class_indices(label: np.ndarray, label_values: Sequence[int]) -> np.ndarray:
