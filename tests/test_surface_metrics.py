@@ -7,6 +7,7 @@ FASTSEG_FULL_DATA=1 runs every scan. Skipped without the data or pynrrd.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import warnings
@@ -27,6 +28,7 @@ from fastseg.metrics import (
     normalized_surface_dice,
     surface_metrics,
 )
+from fastseg.metrics import surface as _surface_module
 from fastseg.metrics.surface import METRIC_KEYS, _quantile
 from gloo import run_on_ranks
 
@@ -41,6 +43,15 @@ RATIO_KEYS = ("nsd", "dice")
 DIST_TOL, RATIO_TOL = 1e-4, 1e-5  # mm, and for ratios: the issue's bar
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tcia-han-oar" / "validation"
 SP3, SP2 = (2.5, 1.01, 0.98), (0.7, 1.3)
+
+
+@pytest.fixture(params=["per_pair", "batched"])
+def metric_path(request, monkeypatch):
+    """Both evaluation paths on the CPU: the loop over (sample, class) the CPU uses, and the batched one that
+    CUDA tensors take (fastseg.metrics._batched), so the GPU's logic is tested on every machine."""
+    devices = ("cuda", "cpu") if request.param == "batched" else ("cuda",)
+    monkeypatch.setattr(_surface_module, "BATCHED_DEVICE_TYPES", devices)
+    return request.param
 
 
 # ------------------------------------------------------------------------------------------- shapes
@@ -206,7 +217,7 @@ def test_selection_quantile_is_torch_quantile_bit_for_bit():
 @pytest.mark.parametrize("convention", ["monai", "deepmind"])
 @pytest.mark.parametrize("spacing", [None, "aniso"])
 @pytest.mark.parametrize("case", sorted(CASES3))
-def test_3d_shapes_match_reference(case, spacing, convention):
+def test_3d_shapes_match_reference(case, spacing, convention, metric_path):
     pred, target = CASES3[case]
     sp = SP3 if spacing == "aniso" else (1.0, 1.0, 1.0)
     ours = run_one(pred, target, sp, convention)
@@ -215,7 +226,7 @@ def test_3d_shapes_match_reference(case, spacing, convention):
 
 @pytest.mark.parametrize("convention", ["monai", "deepmind"])
 @pytest.mark.parametrize("case", sorted(CASES2))
-def test_2d_shapes_match_reference(case, convention):
+def test_2d_shapes_match_reference(case, convention, metric_path):
     pred, target = CASES2[case]
     ours = run_one(pred, target, SP2, convention, percentile=90, taus=(0.5, 1.5, 3.0))
     ref = REFERENCES[convention](pred, target, SP2, 90, (0.5, 1.5, 3.0))
@@ -223,7 +234,7 @@ def test_2d_shapes_match_reference(case, convention):
 
 
 @pytest.mark.parametrize("convention", ["monai", "deepmind"])
-def test_empty_mask_policy(convention):
+def test_empty_mask_policy(convention, metric_path):
     """Exactly one empty: distances inf, nsd 0, dice 0. Both empty: everything nan. Both conventions."""
     full = ball(S3, (8, 11, 9), 4.0)
     empty = np.zeros(S3, bool)
@@ -266,7 +277,7 @@ def batch_case(seed=0, B=3, C=4, shape=(16, 18, 14)):
 
 
 @pytest.mark.parametrize("convention", ["monai", "deepmind"])
-def test_batch_with_per_sample_spacing_matches_case_by_case(convention):
+def test_batch_with_per_sample_spacing_matches_case_by_case(convention, metric_path):
     p, t, spacing = batch_case()
     out = surface_metrics(p, t, spacing=spacing, tolerance=[1.0, 3.0], convention=convention, include_background=True)
     assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 for v in out.values())
@@ -277,7 +288,7 @@ def test_batch_with_per_sample_spacing_matches_case_by_case(convention):
             assert_metrics_close({k: v[b, c].tolist() for k, v in out.items()}, ref, f"b{b} c{c}")
 
 
-def test_input_forms_agree():
+def test_input_forms_agree(metric_path):
     """bool / uint8 / float masks, numpy / torch, label maps with num_classes, include_background, scalar
     tolerance: the same numbers."""
     rng = np.random.default_rng(5)
@@ -308,7 +319,7 @@ def test_input_forms_agree():
     assert bg["dice"].shape == (2, 4)
 
 
-def test_single_metric_functions_equal_surface_metrics():
+def test_single_metric_functions_equal_surface_metrics(metric_path):
     p, t, spacing = batch_case(seed=3)
     for conv in ("monai", "deepmind"):
         full = surface_metrics(p, t, spacing=spacing, percentile=90, tolerance=1.5, convention=conv)
@@ -338,7 +349,7 @@ def test_directed_hausdorff_matches_monai():
         torch.testing.assert_close(ours, ref, equal_nan=True, rtol=0, atol=DIST_TOL)
 
 
-def test_dice_score_label_maps():
+def test_dice_score_label_maps(metric_path):
     p = torch.tensor([[[0, 1, 1], [2, 2, 0]]])
     t = torch.tensor([[[0, 1, 0], [2, 0, 0]]])
     torch.testing.assert_close(dice_score(p, t, num_classes=4),
@@ -382,7 +393,7 @@ def _masks(shape=(1, 2, 6, 7, 5)):
      r"spacing must hold 3 finite values > 0"),
     (lambda m: SurfaceMetric(convention="x"), r"SurfaceMetric: convention must be"),
 ])
-def test_argument_errors(call, match):
+def test_argument_errors(call, match, metric_path):
     with pytest.raises(ValueError, match=match):
         call(_masks())
 
@@ -563,6 +574,59 @@ def test_surface_metric_synchronises_across_gloo_ranks(tmp_path):
                 torch.testing.assert_close(got["summary"][k][stat], value, equal_nan=True)
 
 
+# ------------------------------------------------------------------------------------------- batched path
+
+
+def _count_edt_calls(monkeypatch):
+    from fastseg.metrics import _batched, _surfaces
+
+    calls = []
+    for module in (_batched, _surfaces):
+        real = module._edt_ops.edt
+        monkeypatch.setattr(module, "_edt_ops", type("Ops", (), {"edt": staticmethod(
+            lambda mask, spacing, real=real: calls.append(tuple(mask.shape)) or real(mask, spacing))}))
+    return calls
+
+
+@pytest.mark.parametrize("convention", ["monai", "deepmind"])
+def test_batched_path_runs_one_transform_for_all_classes_of_a_batch(convention, monkeypatch):
+    """12 classes of one size in 2 samples: the batched path runs one EDT over all 24 pairs' windows (the
+    per-pair path runs 24), and its numbers are the per-pair path's."""
+    shape, centers = (40, 44, 36), [(x, y, z) for x in (8, 20, 32) for y in (8, 22, 36) for z in (9, 26)][:12]
+    labels = np.zeros((2,) + shape, np.int64)
+    for b in range(2):
+        for c, center in enumerate(centers, start=1):
+            labels[b][ball(shape, np.add(center, b * 0.4), 3.2 + 0.3 * (c % 3))] = c
+    pred = np.where(np.random.default_rng(3).random(labels.shape) < 0.1, 0, labels)
+    calls = _count_edt_calls(monkeypatch)
+    kw = dict(num_classes=13, spacing=SP3, tolerance=[1.0, 2.0], convention=convention)
+    monkeypatch.setattr(_surface_module, "BATCHED_DEVICE_TYPES", ("cuda",))
+    per_pair = surface_metrics(pred, labels, **kw)
+    assert len(calls) == 24
+    calls.clear()
+    monkeypatch.setattr(_surface_module, "BATCHED_DEVICE_TYPES", ("cuda", "cpu"))
+    batched = surface_metrics(pred, labels, **kw)
+    assert len(calls) == 1 and calls[0][0] == 48, calls
+    for k in METRIC_KEYS:
+        torch.testing.assert_close(batched[k], per_pair[k], rtol=1e-6, atol=0, equal_nan=True)
+
+
+def test_buckets_bound_the_padding():
+    from fastseg.metrics._batched import _MAX_PADDING, _Pair, _buckets
+
+    rng = np.random.default_rng(0)
+    pairs = []
+    for i in range(60):
+        lo = rng.integers(0, 50, 3)
+        hi = lo + rng.integers(0, 10, 3) * rng.integers(1, 8, 3)
+        pairs.append(_Pair(i, 0, i, (tuple(lo), tuple(hi)), True, True))
+    buckets = _buckets(pairs)
+    assert sorted(p.index for _, members in buckets for p in members) == list(range(60))
+    for shape, members in buckets:
+        assert all(all(s >= n for s, n in zip(shape, p.shape)) for p in members)
+        assert math.prod(shape) * len(members) <= _MAX_PADDING * sum(math.prod(p.shape) for p in members)
+
+
 # ------------------------------------------------------------------------------------------- CUDA
 
 
@@ -617,14 +681,19 @@ def _crop_pair(p, g, margin=2):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scan", _scans() or ["(data absent)"])
-def test_real_scan_matches_monai_and_surface_distance(scan):
+def test_real_scan_matches_monai_and_surface_distance(scan, monkeypatch):
     nrrd = pytest.importorskip("nrrd", reason="pynrrd not installed (scripts/install.sh --test installs it)")
     if not DATA.is_dir():
         pytest.skip(f"{DATA} not found")
     organs, pred, target, spacing = _load_scan(nrrd, scan)
     taus = (1.0, 2.0)
-    ours = {conv: surface_metrics(pred, target, spacing=spacing, tolerance=list(taus), convention=conv,
-                                  include_background=True) for conv in ("monai", "deepmind")}
+
+    def ours_by(devices):
+        monkeypatch.setattr(_surface_module, "BATCHED_DEVICE_TYPES", devices)
+        return {conv: surface_metrics(pred, target, spacing=spacing, tolerance=list(taus), convention=conv,
+                                      include_background=True) for conv in ("monai", "deepmind")}
+
+    paths = {"per_pair": ours_by(("cuda",)), "batched": ours_by(("cuda", "cpu"))}
     p_t, g_t = torch.from_numpy(pred), torch.from_numpy(target)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -638,9 +707,9 @@ def test_real_scan_matches_monai_and_surface_distance(scan):
     for i, organ in enumerate(organs):
         p, g = _crop_pair(pred[0, i], target[0, i])
         refs = {conv: reference(p, g, spacing, 95, taus) for conv, reference in REFERENCES.items()}
-        for conv, ref in refs.items():
+        for (path, ours), (conv, ref) in itertools.product(paths.items(), refs.items()):
             got = {k: v[0, i].tolist() for k, v in ours[conv].items()}
-            assert_metrics_close(got, ref, f"{scan} {organ} {conv}")
+            assert_metrics_close(got, ref, f"{scan} {organ} {conv} {path}")
         # The drop-ins against the same MONAI values; MONAI's use_subvoxels is surface-distance's surface Dice.
         for key in ("hd", "hd_percentile", "assd"):
             want = refs["monai"][key]

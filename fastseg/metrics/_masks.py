@@ -8,13 +8,14 @@ every metric is computed on are copies of the box grown by a margin and padded w
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 Box = Tuple[Tuple[int, ...], Tuple[int, ...]]  # (first, last) voxel index per axis, inclusive
 
-__all__ = ["Box", "ChannelMasks", "LabelMaps", "find_boxes", "union_box", "crop"]
+__all__ = ["Box", "ChannelMasks", "LabelMaps", "find_boxes", "find_boxes_by_projection", "union_box", "crop"]
 
 
 class ChannelMasks:
@@ -35,6 +36,11 @@ class ChannelMasks:
         # Free binary check for uint8 masks: a value above 1 shows up in its slice's maximum.
         self.max_value = maxima.amax() if maxima.numel() else maxima.new_zeros(())
         return maxima > 0
+
+    def plane(self) -> torch.Tensor:
+        """(B, K, S1, ...) bool: the projection of each evaluated channel along axis 0."""
+        x = self.data.view(torch.uint8)[:, self.channels[0]:] if self.channels else self.data[:, :0].view(torch.uint8)
+        return x.amax(2) > 0
 
     def slab(self, b: int, k: int, first: int, last: int) -> torch.Tensor:
         return self.data[b, self.channels[k], first:last + 1]
@@ -63,6 +69,16 @@ class LabelMaps:
             counts = torch.bincount(pairs, minlength=S0 * L).view(S0, L)
             rows.append(counts[:, self.classes].t() > 0)
         return torch.stack(rows) if rows else torch.zeros(0, len(self.classes), S0, dtype=torch.bool)
+
+    def plane(self) -> torch.Tensor:
+        """(B, K, S1, ...) bool, from one histogram of (sample, position across axis 0, label) triples."""
+        B, L = self.batch, self.num_classes
+        plane = self.spatial[1:]
+        M = math.prod(plane)
+        index = torch.int32 if B * M * L < 2 ** 31 else torch.int64  # half the bytes of a 512x512x160 map
+        position = torch.arange(B * M, device=self.data.device, dtype=index).view(B, 1, *plane) * L
+        counts = torch.bincount((self.data.to(index) + position).reshape(-1), minlength=B * M * L)
+        return counts.view(B, M, L)[:, :, self.classes].transpose(1, 2).reshape(B, -1, *plane) > 0
 
     def slab(self, b: int, k: int, first: int, last: int) -> torch.Tensor:
         return self.data[b, first:last + 1] == self.classes[k]
@@ -105,6 +121,30 @@ def find_boxes(source) -> List[List[Optional[Box]]]:
                     hi.append(l)
             boxes[b][k] = (tuple(lo), tuple(hi))
     return boxes
+
+
+def find_boxes_by_projection(source) -> List[List[Optional[Box]]]:
+    """find_boxes from two projections of the whole input (along axis 0, and across it), so a fixed number of
+    device operations and host synchronisations whatever the number of classes (find_boxes reads less, but
+    class by class)."""
+    K = len(getattr(source, "channels", getattr(source, "classes", [])))
+    if 0 in source.spatial or K == 0:
+        return [[None] * K for _ in range(source.batch)]
+    presence = [source.axis0_presence()]
+    if len(source.spatial) > 1:
+        plane = source.plane()
+        for axis in range(1, len(source.spatial)):
+            others = tuple(2 + a for a in range(len(source.spatial) - 1) if a != axis - 1)
+            presence.append(plane.amax(others) if others else plane)
+    firsts, lasts = [], []
+    for pres, n in zip(presence, source.spatial):
+        pres = pres.to(torch.uint8)
+        firsts.append(pres.argmax(-1))
+        lasts.append(n - 1 - pres.flip(-1).argmax(-1))
+    present = presence[0].any(-1).tolist()
+    firsts, lasts = torch.stack(firsts, -1).tolist(), torch.stack(lasts, -1).tolist()
+    return [[(tuple(firsts[b][k]), tuple(lasts[b][k])) if present[b][k] else None for k in range(K)]
+            for b in range(source.batch)]
 
 
 def union_box(a: Optional[Box], b: Optional[Box]) -> Optional[Box]:

@@ -50,13 +50,15 @@ def _edt(mask: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
     return _edt_ops.edt(mask, [float(s) for s in spacing])
 
 
-def voxel_edges(crop: torch.Tensor) -> torch.Tensor:
+def voxel_edges(crop: torch.Tensor, nd: Optional[int] = None) -> torch.Tensor:
     """mask XOR binary_erosion(mask) with the cross-shaped structuring element (scipy's default, MONAI's
-    ``get_mask_edges``). The crop has a background margin, so only its interior can be eroded into."""
-    nd = crop.dim()
-    core = tuple(slice(1, n - 1) for n in crop.shape)
+    ``get_mask_edges``) over the last ``nd`` axes (default: all; leading axes are a batch). The crop has a
+    background margin, so only its interior can be eroded into."""
+    lead = 0 if nd is None else crop.dim() - nd
+    spatial = crop.shape[lead:]
+    core = (slice(None),) * lead + tuple(slice(1, n - 1) for n in spatial)
     eroded = crop[core].clone()
-    for axis in range(nd):
+    for axis in range(lead, crop.dim()):
         for shift in (0, 2):
             index = list(core)
             index[axis] = slice(shift, shift + crop.shape[axis] - 2)
@@ -66,19 +68,27 @@ def voxel_edges(crop: torch.Tensor) -> torch.Tensor:
     return edges
 
 
-def surfel_codes(crop: torch.Tensor) -> torch.Tensor:
-    """Neighbour code of every 2^nd block of the crop, on the corner grid (one smaller per axis), with the bit
-    of each voxel of the block as in surface-distance and MONAI (fastseg.metrics._surfels.code_bit).
+def surfel_codes(crop: torch.Tensor, nd: Optional[int] = None) -> torch.Tensor:
+    """Neighbour code of every 2^nd block of the crop's last ``nd`` axes (default: all), on the corner grid
+    (one smaller per axis), with the bit of each voxel of the block as in surface-distance and MONAI
+    (fastseg.metrics._surfels.code_bit).
 
     Built one axis at a time from the last: pairing neighbours along an axis doubles the bits per point, and
     the lower offset's bits move up by the number of bits already there, which yields code_bit's order."""
+    lead = 0 if nd is None else crop.dim() - nd
     codes = crop.to(torch.uint8)
     width = 1
-    for axis in reversed(range(crop.dim())):
+    for axis in reversed(range(lead, crop.dim())):
         n = codes.shape[axis]
         codes = (codes.narrow(axis, 0, n - 1) << width) | codes.narrow(axis, 1, n - 1)
         width *= 2
     return codes
+
+
+def surfel_points(codes: torch.Tensor, nd: int) -> torch.Tensor:
+    """Blocks that hold surface: codes neither 0 nor all ones (0 wraps to 255 in uint8, so one test)."""
+    full = (1 << (1 << nd)) - 1
+    return (codes - 1) < (full - 1)
 
 
 def _surface(crop: torch.Tensor, kind: str, table: Optional[torch.Tensor]):
@@ -86,8 +96,7 @@ def _surface(crop: torch.Tensor, kind: str, table: Optional[torch.Tensor]):
     if kind == VOXEL:
         return voxel_edges(crop), None
     codes = surfel_codes(crop)
-    full = (1 << (1 << crop.dim())) - 1
-    points = (codes - 1) < (full - 1)  # 0 wraps to 255 in uint8: one test for "neither 0 nor all ones"
+    points = surfel_points(codes, crop.dim())
     return points, table[codes[points].long()]
 
 
