@@ -62,6 +62,7 @@ def _add_train(sub) -> None:
     p.add_argument("--absent-classes", choices=("keep", "ignore"),
                    help="'ignore' = class adaptive Dice (Tappeiner et al. 2022)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--cache-dir", help="folder of preprocessed cases, reused by later runs on the same data")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig setting")
     p.add_argument("--cascade", action="store_true", default=None,
                    help="two stages: every organ at a coarse spacing, then the small organs at full resolution in "
@@ -75,7 +76,8 @@ def _train_config(args):
 
     values = TrainConfig.load(args.config).to_dict() if args.config else {}
     flags = {"dataset": args.dataset, "output_dir": args.output_dir, "iterations": args.iterations,
-             "absent_classes": args.absent_classes, "device": args.device, "cascade": args.cascade}
+             "absent_classes": args.absent_classes, "device": args.device, "cascade": args.cascade,
+             "cache_dir": args.cache_dir}
     if args.patch_size:
         flags["patch_size"] = "auto" if args.patch_size == "auto" else _ints(args.patch_size)
     values.update({k: v for k, v in flags.items() if v is not None})

@@ -35,6 +35,8 @@ class TrainConfig:
         patch_size: training patch (voxels, array order), or "auto" for the class-imbalance recommendation
             (``fastseg imbalance``) under ``memory_budget_gb``.
         oversample_foreground: probability that a patch is centred on a voxel of a present organ (nnU-Net: 1/3).
+        cache_dir: folder of preprocessed cases (fastseg.training.cache), filled on first use and read by later
+            runs on the same files with the same spacing and window; None: every run reads and preprocesses.
     Model: ``base_features``, ``max_features`` of ``fastseg.models.UNet.from_patch_size``; ``deep_supervision``.
     Loss: fastseg.DiceCELoss with ``activation``, ``absent_classes`` ('ignore' = class adaptive Dice of
         Tappeiner et al. 2022), ``include_background``, ``batch_dice``, ``lambda_dice``, ``lambda_ce``,
@@ -66,6 +68,7 @@ class TrainConfig:
     patch_size: Union[List[int], str] = field(default_factory=lambda: [96, 96, 48])
     memory_budget_gb: float = 8.0
     oversample_foreground: float = 1.0 / 3.0
+    cache_dir: Optional[str] = None
     base_features: int = 16
     max_features: int = 256
     deep_supervision: bool = True
@@ -116,6 +119,8 @@ class TrainConfig:
             _check_real(name, getattr(self, name), positive=True)
         for name in ("weight_decay", "grad_clip", "lambda_dice", "lambda_ce", "absent_penalty", "poly_exponent"):
             _check_real(name, getattr(self, name), positive=False)
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
+            _fail("cache_dir", "a folder path or null", self.cache_dir)
         if not 0.0 <= float(self.oversample_foreground) <= 1.0:
             _fail("oversample_foreground", "a probability in [0, 1]", self.oversample_foreground)
         if not 0.0 <= float(self.sw_overlap) < 1.0:

@@ -104,6 +104,8 @@ class Trainer:
         ``loaded``: the ``(spec, train, val)`` of :func:`load_dataset`, when the caller has read the data already.
         """
         cfg = self.config
+        if loaded is None and cfg.cache_dir:
+            return self._prepare_cached()
         spec, train_raw, val_raw = loaded if loaded is not None else load_dataset(cfg)
         spacing = cfg.target_spacing or median_spacing(train_raw)
         self.spec = spec
@@ -112,6 +114,45 @@ class Trainer:
                        prepare_cases(val_raw, spacing, cfg.window, values), spacing,
                        organs=list(spec.organs), label_values=spec.label_values,
                        priority=getattr(spec, "priority", None) or [], lateral=lateral_axis_of(train_raw))
+
+    def _prepare_cached(self) -> None:
+        """prepare_data through the disk cache of ``cache_dir`` (fastseg.training.cache): a case is read only
+        if its spacing / direction or its preprocessed arrays for these settings are not cached yet."""
+        from fastseg.training.cache import CaseCache
+
+        cfg = self.config
+        spec, train_names, val_names = open_dataset(cfg)
+        sigmoid = cfg.activation == "sigmoid"
+        cache = CaseCache(cfg.cache_dir, spec, multilabel=sigmoid)
+        raw: Dict[str, Any] = {}
+
+        def load(name: str):
+            if name not in raw:
+                raw[name] = load_case(spec, name, multilabel=sigmoid, where=cfg.dataset)
+            return raw[name]
+
+        def geometry(name: str) -> Dict[str, Any]:
+            image = load(name).image
+            return {"spacing": [float(v) for v in image.spacing], "direction": np.asarray(image.direction).tolist()}
+
+        meta = {name: cache.meta(name, lambda name=name: geometry(name)) for name in train_names + val_names}
+        spacing = cfg.target_spacing or [float(v) for v in np.median([meta[n]["spacing"] for n in train_names], 0)]
+        values = list(spec.label_values.values())
+        key = cache.prep_key(spacing, cfg.window, values)
+
+        def prepared(names: Sequence[str]) -> List[PreparedCase]:
+            out = []
+            for name in names:
+                image, label = cache.prepared(
+                    name, key, lambda name=name: prepare_case(load(name), spacing, cfg.window, values))
+                raw.pop(name, None)
+                out.append(PreparedCase(name, image, label))
+            return out
+
+        self.spec = spec
+        self.use_cases(prepared(train_names), prepared(val_names), spacing, organs=list(spec.organs),
+                       label_values=spec.label_values, priority=getattr(spec, "priority", None) or [],
+                       lateral=common_lateral_axis([meta[n]["direction"] for n in train_names]))
 
     def use_cases(self, train_cases: Sequence[PreparedCase], val_cases: Sequence[PreparedCase],
                   spacing: Sequence[float], *, organs: Sequence[str], label_values: Dict[str, int],
@@ -434,21 +475,31 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------------------------------------
-def load_dataset(config: TrainConfig) -> tuple:
-    """``(spec, train, val)``: the dataset description and its raw training and validation cases
-    (``fastseg.data.dataset.Case``, every one with an image)."""
+def open_dataset(config: TrainConfig) -> tuple:
+    """``(spec, train_names, val_names)``: the dataset description and its split, reading no case."""
     from fastseg.data.dataset import DatasetSpec
 
     if not config.dataset:
         raise ValueError("TrainConfig: dataset: expected a dataset description file, got ''")
     spec = DatasetSpec.load(config.dataset)
-    train_names, val_names = _split_cases(config, spec)
+    return (spec, *_split_cases(config, spec))
+
+
+def load_case(spec, name: str, *, multilabel: bool, where: str):
+    """One raw case (``fastseg.data.dataset.Case``), which training needs with an image."""
+    case = spec.load_case(name, multilabel=multilabel)
+    if case.image is None:
+        raise ValueError(f"Trainer: dataset {where} has no images (no 'image' pattern); training needs an image "
+                         "per case")
+    return case
+
+
+def load_dataset(config: TrainConfig) -> tuple:
+    """``(spec, train, val)``: the dataset description and its raw training and validation cases
+    (``fastseg.data.dataset.Case``, every one with an image)."""
+    spec, train_names, val_names = open_dataset(config)
     sigmoid = config.activation == "sigmoid"
-    raw = [spec.load_case(name, multilabel=sigmoid) for name in train_names + val_names]
-    for case in raw:
-        if case.image is None:
-            raise ValueError(f"Trainer: dataset {config.dataset} has no images (no 'image' pattern); "
-                             "training needs an image per case")
+    raw = [load_case(spec, name, multilabel=sigmoid, where=config.dataset) for name in train_names + val_names]
     return spec, raw[: len(train_names)], raw[len(train_names):]
 
 
@@ -467,7 +518,12 @@ def _split_cases(config: TrainConfig, spec) -> tuple:
 def lateral_axis_of(cases: Sequence[Any]) -> Optional[int]:
     """The array axis along the patient's left-right direction, from the raw cases' image directions; None
     when the cases disagree (then no left / right label swapping is safe)."""
-    axes = {lateral_axis(c.image.direction) for c in cases}
+    return common_lateral_axis([c.image.direction for c in cases])
+
+
+def common_lateral_axis(directions: Sequence[Any]) -> Optional[int]:
+    """lateral_axis_of from the images' direction matrices."""
+    axes = {lateral_axis(np.asarray(d)) for d in directions}
     return axes.pop() if len(axes) == 1 else None
 
 
@@ -483,16 +539,19 @@ def prepare_cases(cases: Sequence[Any], spacing: Sequence[float], window: Sequen
     ``label_values``: the dataset's value of each organ, in organ order; label maps are renumbered so organ k
     is k + 1 (the loss's class index) when the values are not already 1..K (a label map with gaps, say).
     """
+    return [PreparedCase(case.name, *prepare_case(case, spacing, window, label_values)) for case in cases]
+
+
+def prepare_case(case: Any, spacing: Sequence[float], window: Sequence[float],
+                 label_values: Optional[Sequence[int]] = None) -> tuple:
+    """``(image, label)`` of one raw case, as :func:`prepare_cases`."""
     from fastseg.data.preprocess import preprocess_case
 
-    prepared = []
-    for case in cases:
-        label = case.label.array
-        if label_values is not None and label.ndim == case.image.array.ndim:
-            label = _to_class_indices(label, label_values)
-        p = preprocess_case(case.image.array, case.image.spacing, label, target_spacing=spacing, window=window)
-        prepared.append(PreparedCase(case.name, p.image, p.label))
-    return prepared
+    label = case.label.array
+    if label_values is not None and label.ndim == case.image.array.ndim:
+        label = _to_class_indices(label, label_values)
+    p = preprocess_case(case.image.array, case.image.spacing, label, target_spacing=spacing, window=window)
+    return p.image, p.label
 
 
 def _quiet_nanmean(a: np.ndarray, axis=None):
