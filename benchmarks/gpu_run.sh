@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one script to run on a GPU machine, from the repo root: builds fastseg with its CUDA kernels, runs the
-# CUDA tests and the rest of the test suite, then the loss benchmark on CUDA. Every log and the results table
-# (<device-name>.md and .json, from bench_dice_ce.py) land in $OUT (default: benchmarks/results/gpu).
+# CUDA tests and the rest of the test suite, then the loss and metric benchmarks on CUDA, then a short run of
+# the main job on CUDA (the trainer's bf16 autocast path). Every log and the results table (<device-name>.md and
+# .json, from bench_dice_ce.py) land in $OUT (default: benchmarks/results/gpu).
 #
-#   bash benchmarks/gpu_run.sh                 # build, test, bench
+#   bash benchmarks/gpu_run.sh                 # build, test, bench, train
 #   bash benchmarks/gpu_run.sh test bench      # stages to run, in order (after an earlier build)
 #
 # Works offline: pip builds against the installed torch (--no-build-isolation --no-deps). Honours PYTHON,
@@ -17,7 +18,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test bench)
+[ ${#stages[@]} -eq 0 ] && stages=(build test bench train)
 status=0
 
 # run NAME CMD...: runs CMD, tees its output to $OUT/NAME.log, records a failure.
@@ -69,8 +70,11 @@ for stage in "${stages[@]}"; do
       run test_all "$PY" -m pytest -q tests
       ;;
     bench) run bench bench ;;
+    # 300 iterations (the CUDA default is 3000): a check that training, prediction and evaluation run on CUDA
+    train) run train "$PY" -m fastseg demo --device cuda --iterations "${FASTSEG_GPU_DEMO_ITERATIONS:-300}" \
+             --output "${TMPDIR:-/tmp}/fastseg-gpu-demo" ;;
     *)
-      echo "gpu_run: unknown stage '$stage' (build, test, bench)"
+      echo "gpu_run: unknown stage '$stage' (build, test, bench, train)"
       status=2
       ;;
   esac
