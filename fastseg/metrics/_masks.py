@@ -28,9 +28,13 @@ class ChannelMasks:
         self.batch = masks.shape[0]
         self.spatial = tuple(masks.shape[2:])
 
+    def _evaluated(self) -> torch.Tensor:
+        """(B, K, *spatial) uint8 view of the evaluated channels."""
+        return self.data.view(torch.uint8)[:, self.channels[0] if self.channels else self.data.shape[1]:]
+
     def axis0_presence(self) -> torch.Tensor:
         """(B, K, S0) bool: whether slice i along axis 0 holds the k-th evaluated channel."""
-        x = self.data.view(torch.uint8)[:, self.channels[0]:] if self.channels else self.data[:, :0].view(torch.uint8)
+        x = self._evaluated()
         B, K = x.shape[:2]
         maxima = x.reshape(B, K, self.spatial[0], -1).amax(-1)
         # Free binary check for uint8 masks: a value above 1 shows up in its slice's maximum.
@@ -39,8 +43,7 @@ class ChannelMasks:
 
     def plane(self) -> torch.Tensor:
         """(B, K, S1, ...) bool: the projection of each evaluated channel along axis 0."""
-        x = self.data.view(torch.uint8)[:, self.channels[0]:] if self.channels else self.data[:, :0].view(torch.uint8)
-        return x.amax(2) > 0
+        return self._evaluated().amax(2) > 0
 
     def slab(self, b: int, k: int, first: int, last: int) -> torch.Tensor:
         return self.data[b, self.channels[k], first:last + 1]

@@ -136,7 +136,7 @@ class Trainer:
             return {"spacing": [float(v) for v in image.spacing], "direction": np.asarray(image.direction).tolist()}
 
         meta = {name: cache.meta(name, lambda name=name: geometry(name)) for name in train_names + val_names}
-        spacing = cfg.target_spacing or [float(v) for v in np.median([meta[n]["spacing"] for n in train_names], 0)]
+        spacing = cfg.target_spacing or median_of_spacings([meta[n]["spacing"] for n in train_names])
         values = list(spec.label_values.values())
         key = cache.prep_key(spacing, cfg.window, values)
 
@@ -529,7 +529,11 @@ def common_lateral_axis(directions: Sequence[Any]) -> Optional[int]:
 
 def median_spacing(cases: Sequence[Any]) -> List[float]:
     """The per-axis median image spacing of raw cases (the default target spacing)."""
-    return [float(s) for s in np.median([c.image.spacing for c in cases], 0)]
+    return median_of_spacings([c.image.spacing for c in cases])
+
+
+def median_of_spacings(spacings: Sequence[Sequence[float]]) -> List[float]:
+    return [float(s) for s in np.median(spacings, 0)]
 
 
 def prepare_cases(cases: Sequence[Any], spacing: Sequence[float], window: Sequence[float],
