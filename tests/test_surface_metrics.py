@@ -612,7 +612,7 @@ def test_batched_path_runs_one_transform_for_all_classes_of_a_batch(convention, 
 
 
 def test_buckets_bound_the_padding():
-    from fastseg.metrics._batched import _MAX_PADDING, _Pair, _buckets
+    from fastseg.metrics._batched import _MAX_BUCKET_VOXELS, _MAX_PADDING, _Pair, _buckets
 
     rng = np.random.default_rng(0)
     pairs = []
@@ -625,6 +625,10 @@ def test_buckets_bound_the_padding():
     for shape, members in buckets:
         assert all(all(s >= n for s, n in zip(shape, p.shape)) for p in members)
         assert math.prod(shape) * len(members) <= _MAX_PADDING * sum(math.prod(p.shape) for p in members)
+        assert len(members) == 1 or math.prod(shape) * len(members) <= _MAX_BUCKET_VOXELS
+    # whole-volume crops (a prediction scattered everywhere) each get their own bucket
+    big = [_Pair(i, 0, i, ((0, 0, 0), (511, 511, 159)), True, True) for i in range(3)]
+    assert [len(members) for _, members in _buckets(big)] == [1, 1, 1]
 
 
 # ------------------------------------------------------------------------------------------- CUDA

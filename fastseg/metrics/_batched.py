@@ -7,7 +7,8 @@ grouped into buckets of similar shape; a bucket is one (P, *D) stack of windows,
 crop. A window starts where its crop starts and runs on past it, but a class has no voxel outside its box, so
 the extra voxels are background and the surfaces, their points and the distances between them are those of the
 crop: one gather, one surface extraction, one batched exact EDT (per-window spacing) and row-wise reductions
-per bucket give every metric of every pair in it. Buckets cap the padding at twice the crops' total volume.
+per bucket give every metric of every pair in it. Buckets cap the padding at twice the crops' total volume,
+and their size at 2^26 voxels unless a single crop is larger.
 
 Reductions run on (P, n) rows of surface distances padded with +inf: sorted rows give MONAI's quantile (the
 same float32 rank, truncation and lerp as torch.quantile) and surface-distance's area-weighted percentile.
@@ -27,6 +28,9 @@ from fastseg.ops import edt as _edt_ops
 __all__ = ["evaluate_batched"]
 
 _MAX_PADDING = 2.0  # a bucket's volume may reach this multiple of its crops' total volume
+# and at most this many voxels unless one crop is larger (the EDT of a bucket holds 8 bytes per voxel, the
+# masks and surfaces a few more): a bad prediction scattered over the whole volume gets a bucket of its own.
+_MAX_BUCKET_VOXELS = 1 << 26
 
 
 class _Pair:
@@ -44,7 +48,8 @@ def _volume(shape) -> int:
 
 def _buckets(pairs: List[_Pair]) -> List[Tuple[List[int], List[_Pair]]]:
     """Best-fit grouping, largest crops first: a pair joins the bucket whose volume grows least by it, if the
-    bucket's volume stays within _MAX_PADDING times its crops' total; otherwise it opens a bucket."""
+    bucket's volume stays within _MAX_PADDING times its crops' total and _MAX_BUCKET_VOXELS; otherwise it
+    opens a bucket."""
     buckets = []  # [shape, members, total crop volume]
     for pair in sorted(pairs, key=lambda p: _volume(p.shape), reverse=True):
         best, best_volume = None, None
@@ -52,7 +57,8 @@ def _buckets(pairs: List[_Pair]) -> List[Tuple[List[int], List[_Pair]]]:
             shape, members, total = bucket
             grown = [max(a, b) for a, b in zip(shape, pair.shape)]
             volume = _volume(grown) * (len(members) + 1)
-            if volume <= _MAX_PADDING * (total + _volume(pair.shape)) and (best is None or volume < best_volume):
+            fits = volume <= _MAX_PADDING * (total + _volume(pair.shape)) and volume <= _MAX_BUCKET_VOXELS
+            if fits and (best is None or volume < best_volume):
                 best, best_volume = (bucket, grown), volume
         if best is None:
             buckets.append([list(pair.shape), [pair], _volume(pair.shape)])
