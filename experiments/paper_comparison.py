@@ -323,7 +323,9 @@ def plan_patches(info: Dict[str, Any], settings: Dict[str, Any], path: Path) -> 
         rows.append({"patch": list(c), "memory_gib": memory[c] / 2 ** 30, "fits": memory[c] <= budget,
                      "score": float(report.score[i, 0]), "share_term": float(report.share_term[i, 0]),
                      "presence_term": float(report.presence_term[i, 0]),
-                     "presence": {n: float(p) for n, p in zip(report.class_names, presence)}})
+                     "presence": {n: float(p) for n, p in zip(report.class_names, presence)},
+                     "coverage": {n: float(v) for n, v in zip(report.class_names[1:], report.coverage[i, 1:])
+                                  if math.isfinite(v)}})
     plan = {"default": list(default), "optimised": list(optimised), "candidates": rows,
             "median_shape": np.median([lab.shape for lab in labels], 0).tolist(),
             "oversample_foreground": cfg.oversample_foreground, "memory_budget_gb": settings["memory_budget_gb"],
@@ -555,15 +557,19 @@ def _patch_section(r: Results, d: str) -> str:
         role = [name for name in PATCHES if list(plan[name]) == list(c["patch"])]
         mm = "×".join(f"{p * s:.0f}" for p, s in zip(c["patch"], info["spacing"]))
         least = min(small, key=lambda o: c["presence"][o]) if small else None
+        coverage = c.get("coverage")  # plans written before the coverage existed lack it
+        covered = min(coverage, key=coverage.get) if coverage else None
         rows.append([_size(c["patch"]), mm, f"{c['memory_gib']:.3f}", "yes" if c["fits"] else "no",
                      f"{c['score']:.3f}", f"{c['share_term']:.2f}", f"{c['presence_term']:.2f}",
-                     f"{least} {100 * c['presence'][least]:.1f} %" if least else "–", ", ".join(role) or ""])
+                     f"{least} {100 * c['presence'][least]:.1f} %" if least else "–",
+                     f"{covered} {100 * coverage[covered]:.0f} %" if covered else "–", ", ".join(role) or ""])
     return (f"Candidates (fastseg.imbalance.candidate_patch_sizes of the median preprocessed training shape "
             f"{_size(np.round(plan['median_shape']))}; memory: estimate_training_memory of the planned U-Net, "
             f"batch {r.settings['batch_size']}; score: analyze_imbalance at foreground oversampling "
             f"{plan['oversample_foreground']:.3g}, lower is more balanced), budget {plan['memory_budget_gb']:g} GiB:\n\n"
             + _table(["patch (vox)", "mm", "memory GiB", "fits", "imbalance score", "share term", "presence term",
-                      "least present small organ", "arm"], rows, ["---"] * 2 + ["---:"] * 5 + ["---"] * 2))
+                      "least present small organ", "least covered organ", "arm"], rows,
+                     ["---"] * 2 + ["---:"] * 5 + ["---"] * 3))
 
 
 def _setup_section(r: Results, profile: str) -> str:
@@ -584,8 +590,9 @@ def _setup_section(r: Results, profile: str) -> str:
         f"- Training (identical for every arm): reference U-Net {s['base_features']}–{s['max_features']} features, "
         f"deep supervision, AdamW lr {s['lr']:g} with poly decay, batch {s['batch_size']}, {s['iterations']} "
         f"iterations, foreground oversampling {r.plan[r.datasets[0]]['oversample_foreground']:.3g}, augmentation "
-        f"{'on' if s.get('augment', True) else 'off'}, no validation split, deterministic algorithms, seeds {', '.join(map(str, r.seeds))} (the seed fixes "
-        "the initialisation and the patch stream; data and test cases are the same for every seed); test cases "
+        f"{'on' if s.get('augment', True) else 'off'}, no validation split, deterministic algorithms, seeds "
+        f"{', '.join(map(str, r.seeds))} (the seed fixes the initialisation and the patch stream; data and test "
+        "cases are the same for every seed); test cases "
         f"predicted by Gaussian-weighted sliding window, overlap {s['sw_overlap']:g}, no mirroring.",
         "- Losses: DiceCE = fastseg.DiceCELoss(absent_classes='keep') (standard soft Dice + CE); class adaptive "
         "DiceCE = absent_classes='ignore' (the Dice mean runs over the classes present in each sample's target, "

@@ -216,6 +216,8 @@ def _add_imbalance(sub) -> None:
     p.add_argument("--oversample", type=float, nargs="+", default=[0.0, 1.0 / 3.0],
                    help="foreground-oversampling ratios (default 0 and 1/3)")
     p.add_argument("--memory-budget", type=float, help="GiB for one training step of the reference U-Net")
+    p.add_argument("--min-coverage", type=float, help="recommend only patch sizes in which a patch drawn for "
+                   "each organ shows at least this share of it (0-1)")
     p.add_argument("--spacing", type=_floats, help="resample the label maps to this spacing (mm) first")
     p.add_argument("--split", help="cases of this split (default: every case)")
     p.add_argument("--workers", type=int, default=0, help="processes analysing cases in parallel")
@@ -245,7 +247,7 @@ def _run_imbalance(args) -> int:
                                class_names=["background", *spec.organs], spacing=np.median(spacings, 0).tolist(),
                                num_workers=args.workers)
     print(report.table())
-    best = report.best(args.memory_budget)
+    best = report.best(args.memory_budget, min_coverage=args.min_coverage)
     print(f"\nrecommended patch size: {list(best.patch_size)} (oversampling {best.oversample_foreground:.3g}, "
           f"score {best.score:.3f}" + (f", ~{best.memory_bytes / 2**30:.2f} GiB" if best.memory_bytes else "") + ")")
     if args.output:

@@ -59,7 +59,18 @@ raises the share of every organ (term 1 falls as the patch shrinks), while small
 most of the time (term 2 rises). On the head-and-neck masks with nnU-Net's 1/3 oversampling the share term
 wins and the score favours small patches (so would the paper's linear spread, whose background part falls
 with the background share); without oversampling it favours large ones. The score measures imbalance, not context:
-keep the candidates to sizes that give the network enough of it.
+keep the candidates to sizes that give the network enough of it — which the coverage below measures.
+
+Organ coverage
+--------------
+Per foreground class ``c`` and patch size, ``coverage[c]`` is the expected share of the organ that a
+foreground patch drawn for ``c`` shows: the mean over the voxels ``v`` of ``c`` of ``|c ∩ patch(v)| / |c|``,
+``patch(v)`` the patch the sampler centres on ``v`` (clipped to the padded case as above), averaged over the
+cases that contain ``c``. It is 1 when every such patch holds the whole organ and falls as the patch shrinks
+below the organ's extent: where the imbalance score rewards small patches, coverage says how much of each
+organ (and so of its shape and neighbours) the network still sees. :meth:`ImbalanceReport.best` takes a
+``min_coverage`` that every organ must reach. Computed exactly, per class in its bounding box, by separable
+box sums over the sampler's per-axis patch bounds (:func:`_class_coverage`).
 
 Algorithm
 ---------
@@ -285,6 +296,8 @@ class ImbalanceReport:
         class_names: ``C`` names, index = label value.
         presence: (n_patch, n_over, C) probability that a sampled patch contains each class.
         fraction: (n_patch, n_over, C) expected share of the patch's voxels of each class.
+        coverage: (n_patch, C) expected share of each organ inside a foreground patch drawn for it (module
+            doc; it does not depend on the ratio); nan for the background and classes absent from the data.
         score: (n_patch, n_over) imbalance score (lower is better, see the module doc).
         share_term, presence_term: (n_patch, n_over) the two terms under the score's square root.
         presence_random, presence_foreground, fraction_random, fraction_foreground: (n_patch, C) the pure
@@ -303,6 +316,7 @@ class ImbalanceReport:
     class_names: List[str]
     presence: np.ndarray
     fraction: np.ndarray
+    coverage: np.ndarray
     score: np.ndarray
     share_term: np.ndarray
     presence_term: np.ndarray
@@ -336,10 +350,20 @@ class ImbalanceReport:
 
         return memory
 
+    def least_covered(self, i: int) -> Tuple[Optional[int], float]:
+        """(class, coverage) of the organ that patch size ``i`` covers least; (None, nan) without organs."""
+        row = self.coverage[i]
+        if not np.isfinite(row).any():
+            return None, math.nan
+        k = int(np.nanargmin(row))
+        return k, float(row[k])
+
     def best(self, memory_budget_gb: Optional[float] = None,
              memory_fn: Optional[Callable[[Tuple[int, ...]], int]] = None, *,
-             oversample_foreground: Optional[float] = None) -> Recommendation:
-        """The patch size (and oversampling ratio) with the lowest score whose training fits the budget.
+             oversample_foreground: Optional[float] = None,
+             min_coverage: Optional[float] = None) -> Recommendation:
+        """The patch size (and oversampling ratio) with the lowest score whose training fits the budget and,
+        with ``min_coverage``, that shows every organ at least that share of itself (:attr:`coverage`).
 
         Args:
             memory_budget_gb: GPU memory budget in GiB (2**30 bytes); None: no memory constraint.
@@ -348,12 +372,14 @@ class ImbalanceReport:
                 the report has none), one input channel, ``batch_size`` patches, measured by
                 :func:`estimate_training_memory`.
             oversample_foreground: restrict the choice to this ratio (one of the analysed ones); default: all.
+            min_coverage: in (0, 1]: only patch sizes whose least covered organ reaches it; None: no constraint.
 
         Returns:
             :class:`Recommendation`.
 
         Raises:
-            ValueError: no candidate fits the budget (the message gives the smallest estimate), or bad arguments.
+            ValueError: no candidate fits the budget (the message gives the smallest estimate), none reaches
+                ``min_coverage`` (the message gives the best coverage), or bad arguments.
         """
         where = "ImbalanceReport.best"
         budget = None
@@ -364,6 +390,10 @@ class ImbalanceReport:
             budget = int(memory_budget_gb * 2 ** 30)
         if memory_fn is not None and not callable(memory_fn):
             _fail(where, "memory_fn", "a callable patch_size -> bytes or None", memory_fn)
+        if min_coverage is not None and (isinstance(min_coverage, bool)
+                                         or not isinstance(min_coverage, numbers.Real)
+                                         or not 0 < min_coverage <= 1):
+            _fail(where, "min_coverage", "a share in (0, 1] or None", min_coverage)
         columns = list(range(len(self.oversample_foreground)))
         if oversample_foreground is not None:
             matches = [j for j, o in enumerate(self.oversample_foreground)
@@ -389,6 +419,17 @@ class ImbalanceReport:
                 raise ValueError(f"{where}: memory_budget_gb: no candidate patch size fits "
                                  f"{memory_budget_gb} GiB; the smallest estimate is {need / 2 ** 30:.2f} GiB "
                                  f"for {_format_size(self.patch_sizes[i])}")
+        if min_coverage is not None:
+            covered = [i for i in fits if not self.least_covered(i)[1] < min_coverage]
+            if not covered:
+                i = max(fits, key=lambda i: self.least_covered(i)[1])
+                k, value = self.least_covered(i)
+                scope = " within the budget" if budget is not None else ""
+                raise ValueError(f"{where}: min_coverage: no candidate patch size{scope} shows every organ "
+                                 f"{min_coverage:g} of itself; the best is "
+                                 f"{_format_size(self.patch_sizes[i])}, whose least covered organ "
+                                 f"{self.class_names[k]} gets {value:.3f}")
+            fits = covered
         i, j = min(((i, j) for i in fits for j in columns), key=lambda ij: (self.score[ij], ij))
         patch = self.patch_sizes[i]
         return Recommendation(patch_size=patch, oversample_foreground=self.oversample_foreground[j],
@@ -403,7 +444,7 @@ class ImbalanceReport:
         class; with ``per_class`` a second table of ``presence % / expected share`` for every class."""
         mm = self.spacing is not None
         head = ["patch", *(["mm"] if mm else []), "oversample", "score", "share term", "presence term",
-                "least present class", *(["memory GiB"] if self.memory_bytes else [])]
+                "least present class", "least covered organ", *(["memory GiB"] if self.memory_bytes else [])]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         fg = self.scored.copy()
         fg[0] = False
@@ -419,6 +460,8 @@ class ImbalanceReport:
                     row.append(f"{self.class_names[k]} ({100 * self.presence[i, j, k]:.1f} %)")
                 else:
                     row.append("-")
+                k, value = self.least_covered(i)
+                row.append("-" if k is None else f"{self.class_names[k]} ({100 * value:.1f} %)")
                 if self.memory_bytes:
                     m = self.memory_bytes.get(patch)
                     row.append("-" if m is None else f"{m / 2 ** 30:.2f}")
@@ -453,6 +496,7 @@ class ImbalanceReport:
             "presence_term": self.presence_term.tolist(),
             "presence": self.presence.tolist(),
             "fraction": self.fraction.tolist(),
+            "coverage": self.coverage.tolist(),
             "presence_random": self.presence_random.tolist(),
             "presence_foreground": self.presence_foreground.tolist(),
             "fraction_random": self.fraction_random.tolist(),
@@ -470,7 +514,8 @@ class ImbalanceReport:
 
     def plot(self, path, *, oversample_foreground: Optional[Sequence[float]] = None) -> Path:
         """PNG (or any matplotlib format, from the suffix) of the score against the patch size, one line per
-        ratio, and of each class's presence against the patch size, one panel per ratio. Written atomically.
+        ratio, of each class's presence against the patch size, one panel per ratio, and of each organ's
+        coverage. Written atomically.
 
         Args:
             path: output file.
@@ -495,8 +540,8 @@ class ImbalanceReport:
                                                                      self.patch_sizes[i]))
         x = np.arange(len(order))
         labels = [_format_size(self.patch_sizes[i]) for i in order]
-        size = (max(7.0, 0.45 * len(order) + 4), 3.2 * (1 + len(columns)))
-        fig, axes = plt.subplots(1 + len(columns), 1, figsize=size, squeeze=False)
+        size = (max(7.0, 0.45 * len(order) + 4), 3.2 * (2 + len(columns)))
+        fig, axes = plt.subplots(2 + len(columns), 1, figsize=size, squeeze=False)
         ax = axes[0, 0]
         for j, o in enumerate(self.oversample_foreground):
             ax.plot(x, self.score[order, j], marker="o", label=f"oversample {o:.3g}")
@@ -505,17 +550,23 @@ class ImbalanceReport:
         ax.legend(fontsize="small")
         keep = np.flatnonzero(self.scored)
         cmap = plt.get_cmap("tab20")
-        for row, j in enumerate(columns, start=1):
-            ax = axes[row, 0]
+
+        def per_class(ax, values, legend):
             for n, k in enumerate(keep):
                 # 20 colours, then the same colours dashed
-                ax.plot(x, 100 * self.presence[order, j, k], marker=".", color=cmap(n % 20),
+                ax.plot(x, 100 * values[order, k], marker=".", color=cmap(n % 20),
                         linestyle=("-", "--", ":")[(n // 20) % 3], label=self.class_names[k])
-            ax.set_ylabel("presence in a patch (%)")
-            ax.set_title(f"oversample_foreground = {self.oversample_foreground[j]:.3g}")
             ax.set_ylim(0, 102)
-            if row == 1:
+            if legend:
                 ax.legend(fontsize="x-small", ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+        for row, j in enumerate(columns, start=1):
+            per_class(axes[row, 0], self.presence[:, j], legend=row == 1)
+            axes[row, 0].set_ylabel("presence in a patch (%)")
+            axes[row, 0].set_title(f"oversample_foreground = {self.oversample_foreground[j]:.3g}")
+        per_class(axes[-1, 0], self.coverage, legend=not columns)
+        axes[-1, 0].set_ylabel("organ coverage (%)")
+        axes[-1, 0].set_title("share of the organ inside a foreground patch drawn for it")
         for row in range(axes.shape[0]):
             axes[row, 0].set_xticks(x)
             axes[row, 0].set_xticklabels(labels, rotation=45, ha="right", fontsize="small")
@@ -575,12 +626,89 @@ def _check_ratios(value) -> Tuple[float, ...]:
     return out
 
 
+def organ_coverage(label: np.ndarray, patch_sizes: Sequence[Sequence[int]], num_classes: int,
+                   ignore_label: Optional[int] = None) -> np.ndarray:
+    """(n_patch, C) coverage of one case (module doc): for each foreground class present, the mean over its
+    voxels of the share of its voxels inside the foreground patch the sampler centres there; nan for the
+    background, the ignore label and absent classes. Classes run on torch's intra-op thread count (numpy
+    releases the GIL in its cumulative sums and gathers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scipy import ndimage
+
+    out = np.full((len(patch_sizes), num_classes), np.nan)
+    boxes = [(c, box) for c, box in enumerate(ndimage.find_objects(label, max_label=num_classes - 1), start=1)
+             if box is not None and c != ignore_label]
+
+    def one(item):
+        c, box = item
+        out[:, c] = _class_coverage(label[box] == c, box, label.shape, patch_sizes)
+
+    # largest boxes first, so the pool's threads finish together
+    boxes.sort(key=lambda item: -math.prod(s.stop - s.start for s in item[1]))
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        list(pool.map(one, boxes))
+    return out
+
+
+def _class_coverage(mask: np.ndarray, box, shape, patch_sizes) -> np.ndarray:
+    """Coverage of one class for every patch size, from its mask in its bounding box ``box``.
+
+    With K_a the window of the patch along axis a (K_a[v, u] = 1 if u lies in the patch of a voxel at v),
+    the sum over the class's voxels of its voxels in their patches is <M, K M>, K = K_0 ⊗ ... ⊗ K_last; it
+    is computed as <K_0..K_{last-1} M, K_last^T M>: box sums along the leading axes (shared between patch
+    sizes that agree there), the transposed window along the last axis (shared between sizes with the same
+    last extent), then one dot product per patch size."""
+    n = int(mask.sum())
+    last = len(shape) - 1
+    leading = {(): mask.astype(np.int32)}  # the box holds fewer than 2^31 voxels
+    trailing, flat = {}, {}
+    out = np.empty(len(patch_sizes))
+    for i, patch in enumerate(patch_sizes):
+        patch = tuple(int(p) for p in patch)
+        for axis in range(last):
+            key = patch[:axis + 1]
+            if key not in leading:
+                leading[key] = _box_sums(leading[key[:-1]], axis, box[axis], shape[axis], key[-1])
+        # integers below 2^53 (at most n^2 in all), so the float64 dot product is exact
+        if patch[:last] not in flat:
+            flat[patch[:last]] = leading[patch[:last]].astype(np.float64).ravel()
+        if patch[last] not in trailing:
+            trailing[patch[last]] = _box_sums(leading[()], last, box[last], shape[last], patch[last],
+                                              transposed=True).astype(np.float64).ravel()
+        out[i] = np.dot(flat[patch[:last]], trailing[patch[last]]) / (n * n)
+    return out
+
+
+def _box_sums(counts: np.ndarray, axis: int, sl: slice, size: int, patch: int,
+              transposed: bool = False) -> np.ndarray:
+    """Along ``axis`` of a bounding-box crop ``sl`` of a case of extent ``size``: at every position v, the sum
+    of ``counts`` over the foreground patch's extent for a voxel at v (sampler semantics, in the crop); with
+    ``transposed``, the sum over the positions whose patch holds v."""
+    padded = max(size, patch)
+    before = (padded - size) // 2
+    v = np.arange(sl.start, sl.stop) + before
+    lo = np.clip(v - patch // 2, 0, padded - patch) - before - sl.start  # in crop coordinates, non-decreasing
+    extent = sl.stop - sl.start
+    if transposed:  # the positions whose patch [lo, lo + patch) holds u form one run
+        u = np.arange(extent)
+        start, stop = np.searchsorted(lo + patch, u, side="right"), np.searchsorted(lo, u, side="right")
+    else:
+        start, stop = np.clip(lo, 0, extent), np.clip(lo + patch, 0, extent)
+    shape = list(counts.shape)
+    shape[axis] += 1
+    cum = np.zeros(shape, counts.dtype)
+    np.cumsum(counts, axis, out=cum[(slice(None),) * axis + (slice(1, None),)])
+    return np.take(cum, stop, axis) - np.take(cum, start, axis)
+
+
 def _analyze_case(label: np.ndarray, sizes: Sequence[Tuple[int, ...]], num_classes: int,
-                  ignore_label: Optional[int]) -> Tuple[np.ndarray, List[int]]:
+                  ignore_label: Optional[int]) -> Tuple[np.ndarray, List[int], np.ndarray]:
     """One case, every patch size: (4, n_patch, C) expected count and presence under random patches, then
-    under foreground patches; and the classes present."""
+    under foreground patches; the classes present; and the (n_patch, C) organ coverage."""
     stats, counts = patch_stats(label, sizes, num_classes, ignore_label)
-    return stats.numpy().transpose(1, 0, 2), (torch.nonzero(counts[1:]).flatten() + 1).tolist()
+    return (stats.numpy().transpose(1, 0, 2), (torch.nonzero(counts[1:]).flatten() + 1).tolist(),
+            organ_coverage(label, sizes, num_classes, ignore_label))
 
 
 def analyze_imbalance(label_maps: Sequence[np.ndarray], patch_sizes: Sequence[Sequence[int]], *,
@@ -669,6 +797,8 @@ def analyze_imbalance(label_maps: Sequence[np.ndarray], patch_sizes: Sequence[Se
 
     n_cases = len(label_maps)
     sums = np.zeros((4, len(sizes), num_classes))
+    coverage_sum = np.zeros((len(sizes), num_classes))
+    containing = np.zeros(num_classes)
     seen = np.zeros(num_classes, bool)
     seen[0] = True
 
@@ -676,9 +806,12 @@ def analyze_imbalance(label_maps: Sequence[np.ndarray], patch_sizes: Sequence[Se
         return first if i == 0 else _check_label_map(i, label_maps[i], ndim, num_classes, ignore_label)
 
     def add(result) -> None:
-        stats, present = result
+        stats, present, coverage = result
         sums[...] += stats
         seen[present] = True
+        found = np.isfinite(coverage[0])
+        coverage_sum[:, found] += coverage[:, found]
+        containing[found] += 1
 
     if num_workers == 0 or n_cases == 1:
         for i in range(n_cases):
@@ -711,11 +844,13 @@ def analyze_imbalance(label_maps: Sequence[np.ndarray], patch_sizes: Sequence[Se
     fraction = (1 - o) * frac_r[:, None, :] + o * frac_f[:, None, :]
     presence = (1 - o) * pres_r[:, None, :] + o * pres_f[:, None, :]
     score, share, absent = imbalance_score(fraction, presence, seen, batch_size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        coverage = np.where(containing > 0, coverage_sum / containing, np.nan)
     return ImbalanceReport(
         patch_sizes=sizes, oversample_foreground=ratios, class_names=list(class_names), presence=presence,
-        fraction=fraction, score=score, share_term=share, presence_term=absent, presence_random=pres_r,
-        presence_foreground=pres_f, fraction_random=frac_r, fraction_foreground=frac_f, scored=seen,
-        batch_size=int(batch_size), spacing=spacing, num_cases=n_cases, ignore_label=ignore_label,
+        fraction=fraction, coverage=coverage, score=score, share_term=share, presence_term=absent,
+        presence_random=pres_r, presence_foreground=pres_f, fraction_random=frac_r, fraction_foreground=frac_f,
+        scored=seen, batch_size=int(batch_size), spacing=spacing, num_cases=n_cases, ignore_label=ignore_label,
         seconds=time.perf_counter() - t0)
 
 
@@ -742,9 +877,11 @@ def candidate_patch_sizes(shapes: Sequence[Sequence[int]], *, fractions=(0.5, 0.
 
 def recommend_patch_size(label_maps: Sequence[np.ndarray], *, spacing: Sequence[float], num_classes: int,
                          oversample_foreground: float, memory_budget_gb: float, batch_size: int = 2,
-                         base_features: int = 32, max_features: int = 320) -> List[int]:
+                         base_features: int = 32, max_features: int = 320,
+                         min_coverage: Optional[float] = None) -> List[int]:
     """The trainer's ``patch_size: auto``: the lowest-score candidate (:func:`candidate_patch_sizes`) whose
-    estimated training memory with the configured reference U-Net fits ``memory_budget_gb``."""
+    estimated training memory with the configured reference U-Net fits ``memory_budget_gb`` and, with
+    ``min_coverage``, whose least covered organ reaches it (:meth:`ImbalanceReport.best`)."""
     from fastseg.models import UNet
 
     def memory(patch):
@@ -755,4 +892,4 @@ def recommend_patch_size(label_maps: Sequence[np.ndarray], *, spacing: Sequence[
     report = analyze_imbalance(label_maps, candidate_patch_sizes([m.shape for m in label_maps]),
                                oversample_foreground=(float(oversample_foreground),), num_classes=num_classes,
                                spacing=spacing, batch_size=batch_size)
-    return list(report.best(memory_budget_gb, memory).patch_size)
+    return list(report.best(memory_budget_gb, memory, min_coverage=min_coverage).patch_size)

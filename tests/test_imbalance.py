@@ -67,6 +67,30 @@ def brute_force_case(label, patch, num_classes, ignore_label=None):
     return rand_count, rand_present, fg_count, fg_present
 
 
+def brute_force_coverage(labels, patch, num_classes, ignore_label=None):
+    """Organ coverage from the contract: per class, the mean over its voxels of the share of its voxels in
+    the foreground patch drawn at that voxel, averaged over the cases containing the class; nan elsewhere."""
+    patch = tuple(patch)
+    per_class = [[] for _ in range(num_classes)]
+    for label in labels:
+        label = np.asarray(label)
+        padded = tuple(max(s, p) for s, p in zip(label.shape, patch))
+        before = tuple((q - s) // 2 for q, s in zip(padded, label.shape))
+        canvas = np.zeros(padded, label.dtype)
+        canvas[tuple(slice(b, b + s) for b, s in zip(before, label.shape))] = label
+        for c in range(1, num_classes):
+            if c == ignore_label or not (canvas == c).any():
+                continue
+            voxels = np.argwhere(canvas == c)
+            shares = []
+            for v in voxels:
+                lo = [int(min(max(x - p // 2, 0), q - p)) for x, p, q in zip(v, patch, padded)]
+                box = canvas[tuple(slice(l, l + p) for l, p in zip(lo, patch))]
+                shares.append((box == c).sum() / len(voxels))
+            per_class[c].append(np.mean(shares))
+    return np.array([np.mean(v) if v else np.nan for v in per_class])
+
+
 def brute_force(labels, patch, num_classes, ignore_label=None):
     """Data-set averages: (fraction random, presence random, fraction foreground, presence foreground)."""
     per_case = [brute_force_case(l, patch, num_classes, ignore_label) for l in labels]
@@ -123,6 +147,8 @@ def check_against_oracle(labels, patches, num_classes, ignore_label=None, ratios
         np.testing.assert_allclose(report.presence_random[k], pr, rtol=0, atol=TOL)
         np.testing.assert_allclose(report.fraction_foreground[k], ff, rtol=0, atol=TOL)
         np.testing.assert_allclose(report.presence_foreground[k], pf, rtol=0, atol=TOL)
+        np.testing.assert_allclose(report.coverage[k], brute_force_coverage(labels, patch, num_classes, ignore_label),
+                                   rtol=0, atol=TOL)
         for j, o in enumerate(ratios):
             np.testing.assert_allclose(report.fraction[k, j], (1 - o) * fr + o * ff, rtol=0, atol=TOL)
             np.testing.assert_allclose(report.presence[k, j], (1 - o) * pr + o * pf, rtol=0, atol=TOL)
@@ -348,6 +374,31 @@ def test_best_respects_the_memory_budget():
         report.best(1e-9, memory)
 
 
+def test_min_coverage_keeps_the_organs_in_view():
+    # a 20x20x10 organ and a 2-voxel one: oversampling makes the smallest patch the most balanced, but its
+    # patches show a fraction of the large organ
+    label = np.zeros((40, 40, 20), np.int64)
+    label[10:30, 10:30, 5:15] = 1
+    label[2, 2, 1:3] = 2
+    patches = [(8, 8, 4), (16, 16, 8), (32, 32, 16)]
+    report = analyze_imbalance([label], patches, oversample_foreground=1 / 3, num_classes=3)
+    assert np.isnan(report.coverage[:, 0]).all() and np.all(report.coverage[:, 2] == 1)
+    assert np.all(np.diff(report.coverage[:, 1]) > 0) and report.coverage[2, 1] == 1
+    assert report.least_covered(0) == (1, report.coverage[0, 1])
+    assert report.best().patch_size == (8, 8, 4)
+    for need in (0.2, 0.5, 0.99):
+        allowed = [i for i in range(3) if report.coverage[i, 1] >= need]
+        expected = min(allowed, key=lambda i: report.score[i, 0])
+        assert report.best(min_coverage=need).patch_size == patches[expected]
+    small = analyze_imbalance([label], patches[:2], oversample_foreground=1 / 3, num_classes=3)
+    with pytest.raises(ValueError, match=r"best: min_coverage: no candidate patch size shows every organ 1 of "
+                                         r"itself; the best is 16x16x8, whose least covered organ 1 gets 0\.[0-9]+"):
+        small.best(min_coverage=1.0)
+    for bad in (0, 1.5, True, "half"):
+        with pytest.raises(ValueError, match=r"best: min_coverage: expected a share in \(0, 1\] or None"):
+            report.best(min_coverage=bad)
+
+
 def test_best_defaults_to_the_reference_unet():
     pytest.importorskip("fastseg.models")
     from fastseg.models import UNet
@@ -430,6 +481,9 @@ def test_table_json_and_plot(tmp_path):
     data = json.loads(out.read_text())
     assert data["patch_sizes"][1] == [8, 8, 4] and data["class_names"][1] == "a"
     np.testing.assert_allclose(data["presence"], report.presence)
+    assert data["coverage"][0][0] is None  # the background has no coverage: nan, written as null
+    np.testing.assert_allclose(np.array(data["coverage"], float)[:, 1:], report.coverage[:, 1:])
+    assert "least covered organ" in text
     png = report.plot(tmp_path / "imbalance.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imbalance.json", "imbalance.png"]

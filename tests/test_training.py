@@ -299,6 +299,8 @@ def test_config_errors(tmp_path):
         TrainConfig(absent_classes="drop")
     with pytest.raises(ValueError, match=r"patch_size: expected a list of 2 or 3 positive ints or 'auto'"):
         TrainConfig(patch_size="big")
+    with pytest.raises(ValueError, match=r"min_coverage: expected a share in \(0, 1\] or null"):
+        TrainConfig(min_coverage=1.5)
     with pytest.raises(ValueError, match=r"lateral_pairs: expected 'auto', 'none' or a list of \[left, right\]"):
         TrainConfig(lateral_pairs=[["Lens-Lt"]])
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['learning_rate'\]"):
@@ -344,7 +346,7 @@ def test_confidence_command_on_predicted_probabilities(dataset, tmp_path, capsys
 
 
 def test_patch_size_auto_uses_the_imbalance_recommendation(dataset, tmp_path):
-    from fastseg.imbalance import candidate_patch_sizes, recommend_patch_size
+    from fastseg.imbalance import analyze_imbalance, candidate_patch_sizes, recommend_patch_size
 
     trainer = Trainer(_config(dataset, tmp_path, patch_size="auto", memory_budget_gb=4.0), progress=False)
     trainer.prepare_data()
@@ -355,6 +357,15 @@ def test_patch_size_auto_uses_the_imbalance_recommendation(dataset, tmp_path):
     assert tuple(expected) in candidate_patch_sizes([lab.shape for lab in labels])
     # the plan holds it, rounded up to the network's divisor
     assert all(p >= e for p, e in zip(trainer.plan["patch_size"], expected))
+    # min_coverage reaches the recommendation: only the largest candidate shows every organ wholly here
+    report = analyze_imbalance(labels, candidate_patch_sizes([lab.shape for lab in labels]), num_classes=3)
+    whole = [p for p, cov in zip(report.patch_sizes, report.coverage) if np.nanmin(cov) == 1]
+    assert len(whole) == 1 and np.nanmin(report.coverage[0]) < 1
+    strict = Trainer(_config(dataset, tmp_path / "strict", patch_size="auto", memory_budget_gb=4.0,
+                             min_coverage=1.0), progress=False)
+    strict.prepare_data()
+    assert all(p >= w for p, w in zip(strict.plan["patch_size"], whole[0]))
+    assert tuple(expected) != whole[0]
 
 
 def test_imbalance_command(dataset, tmp_path, capsys):
@@ -366,5 +377,7 @@ def test_imbalance_command(dataset, tmp_path, capsys):
     assert "recommended patch size" in out and "Cube" in out
     for name in ("imbalance.md", "imbalance.json", "imbalance.png"):
         assert (tmp_path / "imb" / name).is_file()
+    assert main(["imbalance", str(dataset), "--patch-sizes", "16,16,8", "--min-coverage", "2"]) == 2
+    assert "min_coverage: expected a share" in capsys.readouterr().err
     assert main(["imbalance", str(dataset), "--patch-sizes", "0,16,8"]) == 2
     assert "patch" in capsys.readouterr().err

@@ -33,7 +33,8 @@ class TrainConfig:
             of the training cases.
         window: CT window (HU) clipped before normalisation.
         patch_size: training patch (voxels, array order), or "auto" for the class-imbalance recommendation
-            (``fastseg imbalance``) under ``memory_budget_gb``.
+            (``fastseg imbalance``) under ``memory_budget_gb`` and, if set, ``min_coverage`` (the share of
+            itself every organ must show in a patch drawn for it; fastseg.imbalance's organ coverage).
         oversample_foreground: probability that a patch is centred on a voxel of a present organ (nnU-Net: 1/3).
         cache_dir: folder of preprocessed cases (fastseg.training.cache), filled on first use and read by later
             runs on the same files with the same spacing and window; None: every run reads and preprocesses.
@@ -67,6 +68,7 @@ class TrainConfig:
     window: List[float] = field(default_factory=lambda: [-1000.0, 1600.0])
     patch_size: Union[List[int], str] = field(default_factory=lambda: [96, 96, 48])
     memory_budget_gb: float = 8.0
+    min_coverage: Optional[float] = None
     oversample_foreground: float = 1.0 / 3.0
     cache_dir: Optional[str] = None
     base_features: int = 16
@@ -121,6 +123,10 @@ class TrainConfig:
             _check_real(name, getattr(self, name), positive=False)
         if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
             _fail("cache_dir", "a folder path or null", self.cache_dir)
+        if self.min_coverage is not None:
+            _check_real("min_coverage", self.min_coverage, positive=True)
+            if not self.min_coverage <= 1:
+                _fail("min_coverage", "a share in (0, 1] or null", self.min_coverage)
         if not 0.0 <= float(self.oversample_foreground) <= 1.0:
             _fail("oversample_foreground", "a probability in [0, 1]", self.oversample_foreground)
         if not 0.0 <= float(self.sw_overlap) < 1.0:

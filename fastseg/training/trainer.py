@@ -225,7 +225,8 @@ class Trainer:
                                     oversample_foreground=self.config.oversample_foreground,
                                     memory_budget_gb=self.config.memory_budget_gb,
                                     batch_size=self.config.batch_size, base_features=self.config.base_features,
-                                    max_features=self.config.max_features)
+                                    max_features=self.config.max_features,
+                                    min_coverage=self.config.min_coverage)
 
     def _augmenter(self) -> Augmenter:
         lateral = self.plan["lateral"]
