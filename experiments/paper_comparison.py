@@ -75,7 +75,7 @@ _CPU = dict(spacing=[3.0, 3.0, 3.0], batch_size=2, lr=1e-2, augment=False, base_
 PROFILES: Dict[str, Dict[str, Any]] = {
     # pipeline check: the cpu profile's data, patches and network, 1 seed, 20 iterations
     "smoke": {**_CPU, "seeds": [0], "iterations": 20},
-    # sized for ~75 min wall on the project's 2-core CPU with one process per dataset (experiments/README.md)
+    # 88 min wall on the project's 2-core CPU with one process per dataset (experiments/README.md)
     "cpu": {**_CPU, "seeds": [0, 1, 2], "iterations": 400},
     # not run here: a CUDA machine, finer spacing, nnU-Net-sized network and budget
     "gpu": dict(spacing=[1.5, 1.5, 3.0], batch_size=2, lr=3e-3, augment=True, base_features=32,
