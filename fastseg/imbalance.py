@@ -70,7 +70,7 @@ cases that contain ``c``. It is 1 when every such patch holds the whole organ an
 below the organ's extent: where the imbalance score rewards small patches, coverage says how much of each
 organ (and so of its shape and neighbours) the network still sees. :meth:`ImbalanceReport.best` takes a
 ``min_coverage`` that every organ must reach. Computed exactly, per class in its bounding box, by separable
-box sums over the sampler's per-axis patch bounds (:func:`_class_coverage`).
+box sums over the sampler's per-axis patch bounds (:func:`organ_coverage`).
 
 Algorithm
 ---------
@@ -630,53 +630,37 @@ def organ_coverage(label: np.ndarray, patch_sizes: Sequence[Sequence[int]], num_
                    ignore_label: Optional[int] = None) -> np.ndarray:
     """(n_patch, C) coverage of one case (module doc): for each foreground class present, the mean over its
     voxels of the share of its voxels inside the foreground patch the sampler centres there; nan for the
-    background, the ignore label and absent classes. Classes run on torch's intra-op thread count (numpy
-    releases the GIL in its cumulative sums and gathers)."""
-    from concurrent.futures import ThreadPoolExecutor
+    background, the ignore label and absent classes.
 
+    With M a class's mask in its bounding box and K_a the window of the patch along axis a (K_a[v, u] = 1 if
+    u lies in the patch of a voxel at v), the sum over the class's voxels of its voxels in their patches is
+    <M, K M>, K = K_0 ⊗ ... ⊗ K_last. It is computed as <K_0..K_{last-1} M, K_last^T M>: the transposed
+    window along the last axis once per class and last extent, box sums along the leading axes once per class
+    and leading extents, one dot product per patch size. (Threads over those pieces gained nothing on the
+    shared masks: the passes are memory-bound.)"""
     from scipy import ndimage
 
-    out = np.full((len(patch_sizes), num_classes), np.nan)
-    boxes = [(c, box) for c, box in enumerate(ndimage.find_objects(label, max_label=num_classes - 1), start=1)
-             if box is not None and c != ignore_label]
-
-    def one(item):
-        c, box = item
-        out[:, c] = _class_coverage(label[box] == c, box, label.shape, patch_sizes)
-
-    # largest boxes first, so the pool's threads finish together
-    boxes.sort(key=lambda item: -math.prod(s.stop - s.start for s in item[1]))
-    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        list(pool.map(one, boxes))
-    return out
-
-
-def _class_coverage(mask: np.ndarray, box, shape, patch_sizes) -> np.ndarray:
-    """Coverage of one class for every patch size, from its mask in its bounding box ``box``.
-
-    With K_a the window of the patch along axis a (K_a[v, u] = 1 if u lies in the patch of a voxel at v),
-    the sum over the class's voxels of its voxels in their patches is <M, K M>, K = K_0 ⊗ ... ⊗ K_last; it
-    is computed as <K_0..K_{last-1} M, K_last^T M>: box sums along the leading axes (shared between patch
-    sizes that agree there), the transposed window along the last axis (shared between sizes with the same
-    last extent), then one dot product per patch size."""
-    n = int(mask.sum())
-    last = len(shape) - 1
-    leading = {(): mask.astype(np.int32)}  # the box holds fewer than 2^31 voxels
-    trailing, flat = {}, {}
-    out = np.empty(len(patch_sizes))
-    for i, patch in enumerate(patch_sizes):
-        patch = tuple(int(p) for p in patch)
-        for axis in range(last):
-            key = patch[:axis + 1]
-            if key not in leading:
-                leading[key] = _box_sums(leading[key[:-1]], axis, box[axis], shape[axis], key[-1])
-        # integers below 2^53 (at most n^2 in all), so the float64 dot product is exact
-        if patch[:last] not in flat:
-            flat[patch[:last]] = leading[patch[:last]].astype(np.float64).ravel()
-        if patch[last] not in trailing:
-            trailing[patch[last]] = _box_sums(leading[()], last, box[last], shape[last], patch[last],
-                                              transposed=True).astype(np.float64).ravel()
-        out[i] = np.dot(flat[patch[:last]], trailing[patch[last]]) / (n * n)
+    patches = [tuple(int(p) for p in q) for q in patch_sizes]
+    last = label.ndim - 1
+    boxes = {c: box for c, box in enumerate(ndimage.find_objects(label, max_label=num_classes - 1), start=1)
+             if box is not None and c != ignore_label}
+    extents = sorted({p[last] for p in patches})
+    prefixes = sorted({p[:last] for p in patches})
+    out = np.full((len(patches), num_classes), np.nan)
+    for c, box in boxes.items():
+        mask = (label[box] == c).astype(np.int32)  # a box holds fewer than 2^31 voxels
+        n = float(mask.sum())
+        trailing = {e: _box_sums(mask, last, box[last], label.shape[last], e, transposed=True).astype(np.float64)
+                    .ravel() for e in extents}
+        for prefix in prefixes:
+            counts = mask
+            for axis, extent in enumerate(prefix):
+                counts = _box_sums(counts, axis, box[axis], label.shape[axis], extent)
+            counts = counts.astype(np.float64).ravel()
+            for i, p in enumerate(patches):
+                if p[:last] == prefix:
+                    # integers below 2^53 (at most n^2 in all), so the float64 dot product is exact
+                    out[i, c] = np.dot(counts, trailing[p[last]]) / (n * n)
     return out
 
 
