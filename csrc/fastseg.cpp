@@ -47,10 +47,11 @@ TORCH_LIBRARY(fastseg, m) {
   m.def("calibration_stats(Tensor probs, Tensor target, int num_bins, int? ignore_index) -> Tensor[]");
   // Exact patch-sampling statistics of one label map (csrc/imbalance/imbalance_cpu.cpp; the sampler of
   // fastseg.data.sampling): label (*spatial) integer labels, 1 to 3 axes; patch_sizes holds K patch sizes of
-  // one value per axis, flattened; voxels equal to ignore_label count for no class. Returns (K, 4, C)
+  // one value per axis, flattened; voxels equal to ignore_label count for no class. Returns (K, 5, C)
   // float64 [expected voxel count in a random patch, probability that a random patch holds the class, the
-  // same two under foreground patches] per class (the background's counts are what the classes and ignored
-  // voxels leave), and (C,) int64 voxel counts of the classes. Non-differentiable; CPU only (the input
-  // is a data set's label maps in host memory).
+  // same two under foreground patches, coverage: the mean over the class's voxels v of the share of the
+  // class inside the foreground patch centred on v (0 for the background and absent classes)] per class
+  // (the background's counts are what the classes and ignored voxels leave), and (C,) int64 voxel counts
+  // of the classes. Non-differentiable; CPU only (the input is a data set's label maps in host memory).
   m.def("patch_stats(Tensor label, int[] patch_sizes, int num_classes, int? ignore_label) -> (Tensor, Tensor)");
 }

@@ -234,11 +234,12 @@ def patch_stats(label: torch.Tensor, patch_sizes: list[int], num_classes: int,
                 ignore_label: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The contract of fastseg::patch_stats (csrc/fastseg.cpp) by explicit window counts.
 
-    label (*spatial) integer labels, 1 to 3 axes; patch_sizes K sizes flattened. Returns (K, 4, C) float64
-    [random count, random presence, foreground count, foreground presence] and (C,) int64 voxel counts.
-    Per class, the patch's voxel count is tabulated at every position whose window can meet the class's
-    bounding box (separable cumulative sums), and read at the start of every foreground voxel's centred
-    patch; memory is about the class's box grown by the patch, in int64.
+    label (*spatial) integer labels, 1 to 3 axes; patch_sizes K sizes flattened. Returns (K, 5, C) float64
+    [random count, random presence, foreground count, foreground presence, coverage] and (C,) int64 voxel
+    counts. Per class, the patch's voxel count is tabulated at every position whose window can meet the
+    class's bounding box (separable cumulative sums), and read at the start of every foreground voxel's
+    centred patch; memory is about the class's box grown by the patch, in int64. Coverage: the class's
+    voxels in the centred patch of each of its voxels, by the same separable sums over its box.
     """
     nd, C = label.dim(), num_classes
     shape = tuple(label.shape)
@@ -262,7 +263,7 @@ def patch_stats(label: torch.Tensor, patch_sizes: list[int], num_classes: int,
     regions = {c: _crop(code, voxels[codes == c], c) for c in present}
     nonbg = _crop(code, voxels, None) if present else None
 
-    stats = torch.zeros((K, 4, C), dtype=torch.float64)
+    stats = torch.zeros((K, 5, C), dtype=torch.float64)
     for k in range(K):
         patch = patch_sizes[k * nd:(k + 1) * nd]
         padded = [max(s, p) for s, p in zip(shape, patch)]
@@ -289,14 +290,16 @@ def patch_stats(label: torch.Tensor, patch_sizes: list[int], num_classes: int,
             counted[0] += rc
             counted[1] += fc
             if c < C:
-                stats[k, :, c] = torch.tensor([rc, rp, fc, fp], dtype=torch.float64)
+                seen = _centred_patch_counts(*regions[c], patch, pad, last)
+                cover = float((seen * regions[c][0]).sum()) / float(totals[c]) ** 2
+                stats[k, :, c] = torch.tensor([rc, rp, fc, fp, cover], dtype=torch.float64)
         full_random = full_fg = 0.0
         if nonbg is not None:
             full, begin = _window_counts(*nonbg, patch, pad, last, meets=False)
             inside = full == volume
             full_random = float(inside.sum()) / positions
             full_fg = fg_means(begin, inside)[0] if fg_classes else full_random
-        stats[k, :, 0] = torch.tensor([volume - counted[0], 1.0 - full_random, volume - counted[1],
+        stats[k, :4, 0] = torch.tensor([volume - counted[0], 1.0 - full_random, volume - counted[1],
                                        1.0 - full_fg], dtype=torch.float64)
     return stats, totals[:C].clone()
 
@@ -307,6 +310,18 @@ def _crop(code: torch.Tensor, voxels: torch.Tensor, value: Optional[int]
     lo, hi = voxels.min(dim=0).values.tolist(), (voxels.max(dim=0).values + 1).tolist()
     box = code[tuple(slice(b, e) for b, e in zip(lo, hi))]
     return (box != 0 if value is None else box == value).long(), lo, hi
+
+
+def _centred_patch_counts(mask: torch.Tensor, lo: list[int], hi: list[int], patch, pad, last) -> torch.Tensor:
+    """At every voxel v of a cropped mask (box [lo, hi)), its voxels inside the foreground patch centred on v."""
+    counts = mask
+    for a in range(mask.dim()):
+        v = torch.arange(lo[a], hi[a])
+        first = (v + pad[a] - patch[a] // 2).clamp(0, last[a]) - pad[a] - lo[a]  # the window, from the box
+        start, stop = first.clamp(0, hi[a] - lo[a]), (first + patch[a]).clamp(0, hi[a] - lo[a])
+        table = F.pad(counts.cumsum(a), [0, 0] * (mask.dim() - 1 - a) + [1, 0])
+        counts = table.index_select(a, stop) - table.index_select(a, start)
+    return counts
 
 
 def _window_counts(counts: torch.Tensor, lo: list[int], hi: list[int], patch, pad, last,

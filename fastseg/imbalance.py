@@ -69,8 +69,7 @@ foreground patch drawn for ``c`` shows: the mean over the voxels ``v`` of ``c`` 
 cases that contain ``c``. It is 1 when every such patch holds the whole organ and falls as the patch shrinks
 below the organ's extent: where the imbalance score rewards small patches, coverage says how much of each
 organ (and so of its shape and neighbours) the network still sees. :meth:`ImbalanceReport.best` takes a
-``min_coverage`` that every organ must reach. Computed exactly, per class in its bounding box, by separable
-box sums over the sampler's per-axis patch bounds (:func:`organ_coverage`).
+``min_coverage`` that every organ must reach. Computed exactly by the same op as the other statistics (below).
 
 Algorithm
 ---------
@@ -80,7 +79,8 @@ into runs of equal labels along the last axis and works on runs from then on: pr
 OR-dilation of each class by the patch (an area's worth of words, not a volume), counts are closed forms
 (per-axis coverages for random patches, one summed-volume table of the foreground weights for foreground
 patches), and the background's presence is one minus the probability that the patch lies wholly inside the
-non-background voxels (a bit-packed erosion). Everything is exact. Patch sizes and classes are independent
+non-background voxels (a bit-packed erosion). Coverage sums, per run, box sums on one summed-volume table of
+each class over its bounding box (O(1) per run and patch size). Everything is exact. Patch sizes and classes are independent
 tasks on torch's intra-op threads.
 """
 from __future__ import annotations
@@ -626,73 +626,15 @@ def _check_ratios(value) -> Tuple[float, ...]:
     return out
 
 
-def organ_coverage(label: np.ndarray, patch_sizes: Sequence[Sequence[int]], num_classes: int,
-                   ignore_label: Optional[int] = None) -> np.ndarray:
-    """(n_patch, C) coverage of one case (module doc): for each foreground class present, the mean over its
-    voxels of the share of its voxels inside the foreground patch the sampler centres there; nan for the
-    background, the ignore label and absent classes.
-
-    With M a class's mask in its bounding box and K_a the window of the patch along axis a (K_a[v, u] = 1 if
-    u lies in the patch of a voxel at v), the sum over the class's voxels of its voxels in their patches is
-    <M, K M>, K = K_0 ⊗ ... ⊗ K_last. It is computed as <K_0..K_{last-1} M, K_last^T M>: the transposed
-    window along the last axis once per class and last extent, box sums along the leading axes once per class
-    and leading extents, one dot product per patch size. (Threads over those pieces gained nothing on the
-    shared masks: the passes are memory-bound.)"""
-    from scipy import ndimage
-
-    patches = [tuple(int(p) for p in q) for q in patch_sizes]
-    last = label.ndim - 1
-    boxes = {c: box for c, box in enumerate(ndimage.find_objects(label, max_label=num_classes - 1), start=1)
-             if box is not None and c != ignore_label}
-    extents = sorted({p[last] for p in patches})
-    prefixes = sorted({p[:last] for p in patches})
-    out = np.full((len(patches), num_classes), np.nan)
-    for c, box in boxes.items():
-        mask = (label[box] == c).astype(np.int32)  # a box holds fewer than 2^31 voxels
-        n = float(mask.sum())
-        trailing = {e: _box_sums(mask, last, box[last], label.shape[last], e, transposed=True).astype(np.float64)
-                    .ravel() for e in extents}
-        for prefix in prefixes:
-            counts = mask
-            for axis, extent in enumerate(prefix):
-                counts = _box_sums(counts, axis, box[axis], label.shape[axis], extent)
-            counts = counts.astype(np.float64).ravel()
-            for i, p in enumerate(patches):
-                if p[:last] == prefix:
-                    # integers below 2^53 (at most n^2 in all), so the float64 dot product is exact
-                    out[i, c] = np.dot(counts, trailing[p[last]]) / (n * n)
-    return out
-
-
-def _box_sums(counts: np.ndarray, axis: int, sl: slice, size: int, patch: int,
-              transposed: bool = False) -> np.ndarray:
-    """Along ``axis`` of a bounding-box crop ``sl`` of a case of extent ``size``: at every position v, the sum
-    of ``counts`` over the foreground patch's extent for a voxel at v (sampler semantics, in the crop); with
-    ``transposed``, the sum over the positions whose patch holds v."""
-    padded = max(size, patch)
-    before = (padded - size) // 2
-    v = np.arange(sl.start, sl.stop) + before
-    lo = np.clip(v - patch // 2, 0, padded - patch) - before - sl.start  # in crop coordinates, non-decreasing
-    extent = sl.stop - sl.start
-    if transposed:  # the positions whose patch [lo, lo + patch) holds u form one run
-        u = np.arange(extent)
-        start, stop = np.searchsorted(lo + patch, u, side="right"), np.searchsorted(lo, u, side="right")
-    else:
-        start, stop = np.clip(lo, 0, extent), np.clip(lo + patch, 0, extent)
-    shape = list(counts.shape)
-    shape[axis] += 1
-    cum = np.zeros(shape, counts.dtype)
-    np.cumsum(counts, axis, out=cum[(slice(None),) * axis + (slice(1, None),)])
-    return np.take(cum, stop, axis) - np.take(cum, start, axis)
-
-
 def _analyze_case(label: np.ndarray, sizes: Sequence[Tuple[int, ...]], num_classes: int,
                   ignore_label: Optional[int]) -> Tuple[np.ndarray, List[int], np.ndarray]:
     """One case, every patch size: (4, n_patch, C) expected count and presence under random patches, then
     under foreground patches; the classes present; and the (n_patch, C) organ coverage."""
     stats, counts = patch_stats(label, sizes, num_classes, ignore_label)
-    return (stats.numpy().transpose(1, 0, 2), (torch.nonzero(counts[1:]).flatten() + 1).tolist(),
-            organ_coverage(label, sizes, num_classes, ignore_label))
+    present = (torch.nonzero(counts[1:]).flatten() + 1).tolist()
+    coverage = np.full((len(sizes), num_classes), np.nan)
+    coverage[:, present] = stats[:, 4, present].numpy()
+    return stats[:, :4].numpy().transpose(1, 0, 2), present, coverage
 
 
 def analyze_imbalance(label_maps: Sequence[np.ndarray], patch_sizes: Sequence[Sequence[int]], *,

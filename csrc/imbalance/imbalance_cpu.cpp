@@ -6,7 +6,8 @@
 // foreground patches draw a class uniformly among the foreground classes of the case, a voxel v uniformly
 // among its voxels, and lo = clip(v - P / 2, 0, S' - P) per axis. For each class the op returns, per patch
 // size, the expected number of its voxels in a patch and the probability that the patch holds one, under
-// each of the two modes, exactly (no sampling).
+// each of the two modes, exactly (no sampling), and the share of the class that a foreground patch
+// drawn for it shows (its coverage).
 //
 // Everything is separable over the axes, and the label map is read once per case into runs of equal labels
 // along the last axis (all later work is per run, never per voxel):
@@ -27,6 +28,9 @@
 //   foreground's bounding box; along the last axis the table is summed once more, so a run costs O(1).
 // * Background presence: one minus the probability that the patch lies wholly inside non-background
 //   voxels, the same scheme with AND-erosion instead of OR-dilation.
+// * Organ coverage (foreground mode): the mean over a class's voxels v of the share of the class inside the
+//   patch centred on v, i.e. <M, K M> / N^2 for the class mask M and the patch window K; each |c ∩ patch(v)|
+//   is a box sum on a summed-volume table of the class over its box, and a run sums them in O(1).
 //
 // Tasks (patch size x class, and one erosion per patch size) are handed out from a shared counter,
 // largest first; each writes its own output slots, so the result does not depend on the thread count.
@@ -47,7 +51,7 @@ namespace {
 using Word = uint64_t;
 constexpr int64_t kWordBits = 64;
 constexpr int kDims = 3;  // 1D and 2D maps get leading axes of size 1 (patch 1)
-constexpr int kStats = 4;  // random count, random presence, foreground count, foreground presence
+constexpr int kStats = 5;  // random count, random presence, foreground count, foreground presence, coverage
 
 int64_t clamp(int64_t v, int64_t lo, int64_t hi) { return std::min(std::max(v, lo), hi); }
 
@@ -166,6 +170,40 @@ void scan_rows(const T* label, const int64_t* shape, int64_t C, bool has_ignore,
   }
 }
 
+// In place: values stored at [i + 1][j + 1][m + 1] of an (n0, n1, n2) table become Q, the summed-volume table
+// T (T[i][j][m] = sum over [0, i) x [0, j) x [0, m)) summed once more along the last axis: Q[i][j][k] =
+// sum_{m < k} T[i][j][m]. A run's sum of T over a slope-1 range of the last axis is then a Q difference.
+template <typename V>
+void integrate_table(V* q, int64_t n0, int64_t n1, int64_t n2) {
+  at::parallel_for(1, n0, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t j = 1; j < n1; ++j) {
+        V* row = q + (i * n1 + j) * n2;
+        const V* prev = row - n2;
+        for (int64_t k = 0; k < n2; ++k) row[k] += prev[k];
+      }
+    }
+  });
+  for (int64_t i = 1; i < n0; ++i) {
+    V* plane = q + i * n1 * n2;
+    const V* prev = plane - n1 * n2;
+    for (int64_t k = 0; k < n1 * n2; ++k) plane[k] += prev[k];
+  }
+  // a shifted running sum along the last axis turns T into Q (Q[0] = 0)
+  at::parallel_for(0, n0 * n1, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      V* row = q + r * n2;
+      V t = 0, acc = 0;
+      for (int64_t k = 0; k < n2; ++k) {
+        const V w = row[k];
+        row[k] = acc;
+        t += w;
+        acc += t;
+      }
+    }
+  });
+}
+
 void build_weight_table(Case& cs) {
   const int64_t K = static_cast<int64_t>(cs.foreground.size());
   for (const int64_t c : cs.foreground) cs.weight[c] = 1.0 / (static_cast<double>(K) * cs.codes[c].count);
@@ -178,7 +216,6 @@ void build_weight_table(Case& cs) {
   const int64_t n0 = cs.fbox_ext[0] + 1, n1 = cs.fbox_ext[1] + 1, n2 = cs.fbox_ext[2] + 2;
   cs.Q.assign(static_cast<size_t>(n0 * n1 * n2), 0.0);
   double* q = cs.Q.data();
-  // W at [i + 1][j + 1][m + 1], then prefix sums along all three axes give T (T[.][.][0] = 0) ...
   for (const int64_t c : cs.foreground) {
     const double w = cs.weight[c];
     for (const Run& r : cs.codes[c].runs) {
@@ -186,34 +223,7 @@ void build_weight_table(Case& cs) {
       for (int64_t z = r.z0; z < r.z1; ++z) row[z] = w;
     }
   }
-  at::parallel_for(1, n0, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      for (int64_t j = 1; j < n1; ++j) {
-        double* row = q + (i * n1 + j) * n2;
-        const double* prev = row - n2;
-        for (int64_t k = 0; k < n2; ++k) row[k] += prev[k];
-      }
-    }
-  });
-  for (int64_t i = 1; i < n0; ++i) {
-    double* plane = q + i * n1 * n2;
-    const double* prev = plane - n1 * n2;
-    for (int64_t k = 0; k < n1 * n2; ++k) plane[k] += prev[k];
-  }
-  // ... and a shifted running sum along the last axis turns T into Q (Q[0] = 0, Q[k] = sum_{m<k} T[m]).
-  at::parallel_for(0, n0 * n1, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      double* row = q + r * n2;
-      double t = 0.0;  // T[k] = running sum of the W row
-      double acc = 0.0;
-      for (int64_t k = 0; k < n2; ++k) {
-        const double w = row[k];
-        row[k] = acc;
-        t += w;
-        acc += t;
-      }
-    }
-  });
+  integrate_table(q, n0, n1, n2);
 }
 
 template <typename T>
@@ -566,13 +576,14 @@ struct PatchPlan {
 };
 
 // sum over u in [z0, z1) of T[e(u)], from a Q row (Q[k] = sum_{m<k} T[m]).
-double sum_over_pieces(const double* q, const std::vector<Piece>& pieces, int64_t z0, int64_t z1) {
-  double s = 0.0;
+template <typename V>
+V sum_over_pieces(const V* q, const std::vector<Piece>& pieces, int64_t z0, int64_t z1) {
+  V s = 0;
   for (const Piece& pc : pieces) {
     const int64_t a = std::max(z0, pc.p), b = std::min(z1, pc.q);
     if (a >= b) continue;
     const int64_t e = pc.e + pc.d * (a - pc.p);
-    s += pc.d ? q[e + (b - a)] - q[e] : static_cast<double>(b - a) * (q[e + 1] - q[e]);
+    s += pc.d ? q[e + (b - a)] - q[e] : static_cast<V>(b - a) * (q[e + 1] - q[e]);
   }
   return s;
 }
@@ -601,6 +612,61 @@ void expected_counts(const Case& cs, const PatchPlan& plan, const ClassRuns& cls
     }
   }
   fg = total;
+}
+
+// ------------------------------------------------------------------------------------- organ coverage
+
+// Coverage of a class c with N voxels: (1 / N^2) * sum over its voxels v of |c ∩ patch(v)|, patch(v) the
+// foreground patch centred on v. On a summed-volume table of c's mask over its box, |c ∩ patch(v)| is a box
+// sum: the patch's extent along axes 0 and 1 is fixed within a run (four corners), and its bounds along the
+// last axis are monotone in v with slope 0 or 1, so the run's sum over v is two piece sums of the table's
+// Q form. One table per class serves every patch size; all sums are integers (int64, exact).
+struct CoverageTable {
+  int64_t lo[kDims], ext[kDims];
+  std::vector<int64_t> Q;
+
+  explicit CoverageTable(const ClassRuns& cls) {
+    for (int a = 0; a < kDims; ++a) lo[a] = cls.lo[a], ext[a] = cls.extent(a);
+    const int64_t n0 = ext[0] + 1, n1 = ext[1] + 1, n2 = ext[2] + 2;
+    Q.assign(static_cast<size_t>(n0 * n1 * n2), 0);
+    for (const Run& r : cls.runs) {
+      int64_t* row = Q.data() + row_at(r.x - lo[0] + 1, r.y - lo[1] + 1) + 1 - lo[2];
+      for (int64_t z = r.z0; z < r.z1; ++z) row[z] = 1;
+    }
+    integrate_table(Q.data(), n0, n1, n2);
+  }
+  int64_t row_at(int64_t i, int64_t j) const { return (i * (ext[1] + 1) + j) * (ext[2] + 2); }
+};
+
+// The patch's extent in the class box along axis a, [lo, hi) per voxel v of the case (clipped to the box).
+void patch_bounds(const Axis& ax, int64_t box_lo, int64_t box_ext, std::vector<int64_t>& lo, std::vector<int64_t>& hi) {
+  lo.resize(static_cast<size_t>(ax.size));
+  hi.resize(static_cast<size_t>(ax.size));
+  for (int64_t v = 0; v < ax.size; ++v) {
+    const int64_t first = ax.start(v) - ax.pad - box_lo;  // the window in unpadded coordinates, from the box
+    lo[v] = clamp(first, 0, box_ext);
+    hi[v] = clamp(first + ax.patch, 0, box_ext);
+  }
+}
+
+double organ_coverage(const ClassRuns& cls, const CoverageTable& t, const Axis* ax) {
+  std::vector<int64_t> lo0, hi0, lo1, hi1, lo2, hi2;
+  patch_bounds(ax[0], t.lo[0], t.ext[0], lo0, hi0);
+  patch_bounds(ax[1], t.lo[1], t.ext[1], lo1, hi1);
+  patch_bounds(ax[2], t.lo[2], t.ext[2], lo2, hi2);
+  const std::vector<Piece> from = pieces_of(lo2), to = pieces_of(hi2);
+  int64_t total = 0;
+  for (const Run& r : cls.runs) {
+    const int64_t i0 = lo0[r.x], i1 = hi0[r.x], j0 = lo1[r.y], j1 = hi1[r.y];
+    const int64_t rows[4] = {t.row_at(i1, j1), t.row_at(i0, j1), t.row_at(i1, j0), t.row_at(i0, j0)};
+    const int64_t sign[4] = {1, -1, -1, 1};
+    for (int k = 0; k < 4; ++k) {
+      const int64_t* q = t.Q.data() + rows[k];
+      total += sign[k] * (sum_over_pieces(q, to, r.z0, r.z1) - sum_over_pieces(q, from, r.z0, r.z1));
+    }
+  }
+  const double n = static_cast<double>(cls.count);
+  return static_cast<double>(total) / (n * n);
 }
 
 // ------------------------------------------------------------------------------------------ the op
@@ -644,11 +710,12 @@ std::tuple<at::Tensor, at::Tensor> patch_stats_cpu(const at::Tensor& label_in, a
     for (int a = 0; a < kDims; ++a) patch[a] = a < kDims - nd ? 1 : patch_sizes[k * nd + a - (kDims - nd)];
     plans.emplace_back(cs, patch);
   }
-  // per (patch, code): [random count, random presence, fg count, fg presence]; per patch: inside (random, fg)
+  // per (patch, code): [random count, random presence, fg count, fg presence, coverage]; per patch: inside
+  // (random, fg)
   std::vector<double> per_code(static_cast<size_t>(K * (C + 1) * kStats), 0.0);
   std::vector<double> inside(static_cast<size_t>(K * 2), 0.0);
   struct Task {
-    int64_t k, code, cost;  // code 0: the background erosion
+    int64_t k, code, cost;  // code 0: the background erosion; k = -1: the code's coverage at every patch size
   };
   std::vector<Task> tasks;
   for (int64_t k = 0; k < K; ++k) {
@@ -657,10 +724,18 @@ std::tuple<at::Tensor, at::Tensor> patch_stats_cpu(const at::Tensor& label_in, a
       if (cs.codes[c].count > 0) tasks.push_back({k, c, cs.codes[c].count});
     }
   }
+  for (const int64_t c : cs.foreground) tasks.push_back({-1, c, cs.codes[c].count});
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
   std::atomic<int64_t> next{0};
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   auto run = [&](const Task& t) {
+    if (t.k < 0) {
+      const CoverageTable table(cs.codes[t.code]);
+      for (int64_t k = 0; k < K; ++k) {
+        per_code[(k * (C + 1) + t.code) * kStats + 4] = organ_coverage(cs.codes[t.code], table, plans[k].ax);
+      }
+      return;
+    }
     const PatchPlan& plan = plans[t.k];
     const double positions =
         static_cast<double>(plan.ax[0].positions() * plan.ax[1].positions() * plan.ax[2].positions());

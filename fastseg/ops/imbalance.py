@@ -13,7 +13,8 @@ import torch
 
 from fastseg import _extension, _reference
 
-NUM_STATS = 4  # [random count, random presence, foreground count, foreground presence]
+# [random count, random presence, foreground count, foreground presence, coverage]
+NUM_STATS = 5
 
 
 def _as_label_tensor(label) -> torch.Tensor:
@@ -41,12 +42,14 @@ def _flat(patch_sizes: Sequence[Sequence[int]]) -> list:
 
 def patch_stats(label, patch_sizes: Sequence[Sequence[int]], num_classes: int,
                 ignore_label: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Exact patch-sampling statistics of one label map: ((K, 4, C) float64, (C,) int64 voxel counts).
+    """Exact patch-sampling statistics of one label map: ((K, 5, C) float64, (C,) int64 voxel counts).
 
     label: (*spatial) integer labels (numpy array or tensor), 1 to 3 axes; patch_sizes: K sizes of one
-    int per axis. The four statistics per class are the expected voxel count in a random patch, the
-    probability that a random patch holds the class, and the same two under foreground patches (the
-    sampler of fastseg.data.sampling; the contract is in csrc/fastseg.cpp). Runs the compiled kernel, or
+    int per axis. The five statistics per class are the expected voxel count in a random patch, the
+    probability that a random patch holds the class, the same two under foreground patches (the sampler of
+    fastseg.data.sampling), and the class's coverage: the mean share of it inside a foreground patch centred
+    on one of its voxels (0 for the background and absent classes; the contract is in csrc/fastseg.cpp).
+    Runs the compiled kernel, or
     fastseg._reference without it.
     """
     if not _extension.available():
