@@ -51,7 +51,9 @@ TORCH_LIBRARY(fastseg, m) {
   // float64 [expected voxel count in a random patch, probability that a random patch holds the class, the
   // same two under foreground patches, coverage: the mean over the class's voxels v of the share of the
   // class inside the foreground patch centred on v (0 for the background and absent classes)] per class
-  // (the background's counts are what the classes and ignored voxels leave), and (C,) int64 voxel counts
-  // of the classes. Non-differentiable; CPU only (the input is a data set's label maps in host memory).
-  m.def("patch_stats(Tensor label, int[] patch_sizes, int num_classes, int? ignore_label) -> (Tensor, Tensor)");
+  // (the background's counts are what the classes and ignored voxels leave), (C,) int64 voxel counts
+  // of the classes, and (K, C, C) float64 co-presence: [k, s, c] the probability that a foreground patch drawn
+  // for class s holds class c (rows of the background and absent classes 0). Non-differentiable; CPU only (the
+  // input is a data set's label maps in host memory).
+  m.def("patch_stats(Tensor label, int[] patch_sizes, int num_classes, int? ignore_label) -> (Tensor, Tensor, Tensor)");
 }

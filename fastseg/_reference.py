@@ -231,12 +231,12 @@ def calibration_stats(
 
 
 def patch_stats(label: torch.Tensor, patch_sizes: list[int], num_classes: int,
-                ignore_label: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                ignore_label: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The contract of fastseg::patch_stats (csrc/fastseg.cpp) by explicit window counts.
 
     label (*spatial) integer labels, 1 to 3 axes; patch_sizes K sizes flattened. Returns (K, 5, C) float64
     [random count, random presence, foreground count, foreground presence, coverage] and (C,) int64 voxel
-    counts. Per class, the patch's voxel count is tabulated at every position whose window can meet the
+    counts, and (K, C, C) float64 co-presence. Per class, the patch's voxel count is tabulated at every position whose window can meet the
     class's bounding box (separable cumulative sums), and read at the start of every foreground voxel's
     centred patch; memory is about the class's box grown by the patch, in int64. Coverage: the class's
     voxels in the centred patch of each of its voxels, by the same separable sums over its box.
@@ -259,11 +259,13 @@ def patch_stats(label: torch.Tensor, patch_sizes: list[int], num_classes: int,
     voxels = torch.nonzero(code)  # (N, nd) every non-background voxel
     codes = code[tuple(voxels.T)]
     fg_weight = weight_of[codes]
-    fg_voxels, fg_weight = voxels[fg_weight > 0], fg_weight[fg_weight > 0]  # sources of foreground patches
+    is_source = fg_weight > 0
+    fg_voxels, fg_weight, fg_codes = voxels[is_source], fg_weight[is_source], codes[is_source]  # patch sources
     regions = {c: _crop(code, voxels[codes == c], c) for c in present}
     nonbg = _crop(code, voxels, None) if present else None
 
     stats = torch.zeros((K, 5, C), dtype=torch.float64)
+    joint = torch.zeros((K, C, C), dtype=torch.float64)
     for k in range(K):
         patch = patch_sizes[k * nd:(k + 1) * nd]
         padded = [max(s, p) for s, p in zip(shape, patch)]
@@ -280,6 +282,15 @@ def patch_stats(label: torch.Tensor, patch_sizes: list[int], num_classes: int,
             at, w = tuple(idx[inside].T), fg_weight[inside]
             return [float((w * g[at].double()).sum()) for g in grids]
 
+        def given_source(begin: list[int], grid: torch.Tensor) -> torch.Tensor:
+            """(C,) per source class s, the mean of grid[start(v)] over its voxels v (0 off the grid)."""
+            idx = starts - torch.tensor(begin)
+            inside = ((idx >= 0) & (idx < torch.tensor(grid.shape))).all(dim=1)
+            values = torch.zeros(len(fg_codes), dtype=torch.float64)
+            values[inside] = grid[tuple(idx[inside].T)].double()
+            sums = torch.bincount(fg_codes, weights=values, minlength=C + 1)[:C]
+            return sums / totals[:C].clamp(min=1).double()
+
         volume = float(math.prod(patch))
         counted = [0.0, 0.0]
         for c in present:
@@ -293,15 +304,19 @@ def patch_stats(label: torch.Tensor, patch_sizes: list[int], num_classes: int,
                 seen = _centred_patch_counts(*regions[c], patch, pad, last)
                 cover = float((seen * regions[c][0]).sum()) / float(totals[c]) ** 2
                 stats[k, :, c] = torch.tensor([rc, rp, fc, fp, cover], dtype=torch.float64)
+                if fg_classes:
+                    joint[k, fg_classes, c] = given_source(begin, hit)[fg_classes]
         full_random = full_fg = 0.0
         if nonbg is not None:
             full, begin = _window_counts(*nonbg, patch, pad, last, meets=False)
             inside = full == volume
             full_random = float(inside.sum()) / positions
             full_fg = fg_means(begin, inside)[0] if fg_classes else full_random
+            if fg_classes:
+                joint[k, fg_classes, 0] = 1.0 - given_source(begin, inside)[fg_classes]
         stats[k, :4, 0] = torch.tensor([volume - counted[0], 1.0 - full_random, volume - counted[1],
                                        1.0 - full_fg], dtype=torch.float64)
-    return stats, totals[:C].clone()
+    return stats, totals[:C].clone(), joint
 
 
 def _crop(code: torch.Tensor, voxels: torch.Tensor, value: Optional[int]

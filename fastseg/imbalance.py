@@ -71,6 +71,13 @@ below the organ's extent: where the imbalance score rewards small patches, cover
 organ (and so of its shape and neighbours) the network still sees. :meth:`ImbalanceReport.best` takes a
 ``min_coverage`` that every organ must reach. Computed exactly by the same op as the other statistics (below).
 
+Co-presence
+-----------
+``co_presence[i, s, c]`` is the probability that a foreground patch drawn for organ ``s`` also holds class
+``c`` (same averaging as the coverage). Context is more than the organ itself: a left orbit looks like a right
+one, and what tells them apart is what else the patch shows. The table's "partner in view" column is the least
+such probability over the left / right pairs of the data (:meth:`ImbalanceReport.least_seen_partner`).
+
 Algorithm
 ---------
 The statistics of one case for every patch size come from the op ``fastseg::patch_stats`` (CPU kernel
@@ -298,6 +305,9 @@ class ImbalanceReport:
         fraction: (n_patch, n_over, C) expected share of the patch's voxels of each class.
         coverage: (n_patch, C) expected share of each organ inside a foreground patch drawn for it (module
             doc; it does not depend on the ratio); nan for the background and classes absent from the data.
+        co_presence: (n_patch, C, C) ``[i, s, c]``: the probability that a foreground patch drawn for organ
+            ``s`` holds class ``c``, over the cases that contain ``s`` (nan rows for the background and absent
+            classes). :meth:`least_seen_partner` reads it for left / right pairs.
         score: (n_patch, n_over) imbalance score (lower is better, see the module doc).
         share_term, presence_term: (n_patch, n_over) the two terms under the score's square root.
         presence_random, presence_foreground, fraction_random, fraction_foreground: (n_patch, C) the pure
@@ -317,6 +327,7 @@ class ImbalanceReport:
     presence: np.ndarray
     fraction: np.ndarray
     coverage: np.ndarray
+    co_presence: np.ndarray
     score: np.ndarray
     share_term: np.ndarray
     presence_term: np.ndarray
@@ -437,14 +448,31 @@ class ImbalanceReport:
                               memory_bytes=self.memory_bytes.get(patch) if budget is not None else None,
                               memory_budget_bytes=budget)
 
+    def least_seen_partner(self, i: int) -> Tuple[Optional[int], Optional[int], float]:
+        """(organ, partner, probability) of the left / right pair member (Parotid-Lt / Parotid-Rt, ...) whose
+        foreground patches at patch size ``i`` show the other side's organ least often; (None, None, nan)
+        without pairs in the data. A patch that never shows both sides leaves only the surroundings to tell
+        left from right; the CPU demo's network could not, at 64x64x32 (README)."""
+        from fastseg.data.augment import lateral_pairs
+
+        worst = (None, None, math.nan)
+        for a, b in lateral_pairs(self.class_names):
+            for s, c in ((a, b), (b, a)):
+                p = self.co_presence[i, s, c]
+                if math.isfinite(p) and self.scored[c] and (worst[0] is None or p < worst[2]):
+                    worst = (s, c, float(p))
+        return worst
+
     # ------------------------------------------------------------------------------------------ output
 
     def table(self, per_class: bool = True) -> str:
         """Markdown: one row per (patch size, ratio) with the score, its two terms and the least present
         class; with ``per_class`` a second table of ``presence % / expected share`` for every class."""
         mm = self.spacing is not None
+        pairs = self.least_seen_partner(0)[0] is not None
         head = ["patch", *(["mm"] if mm else []), "oversample", "score", "share term", "presence term",
-                "least present class", "least covered organ", *(["memory GiB"] if self.memory_bytes else [])]
+                "least present class", "least covered organ", *(["partner in view"] if pairs else []),
+                *(["memory GiB"] if self.memory_bytes else [])]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         fg = self.scored.copy()
         fg[0] = False
@@ -462,6 +490,9 @@ class ImbalanceReport:
                     row.append("-")
                 k, value = self.least_covered(i)
                 row.append("-" if k is None else f"{self.class_names[k]} ({100 * value:.1f} %)")
+                if pairs:
+                    s, c, p = self.least_seen_partner(i)
+                    row.append(f"{self.class_names[c]} for {self.class_names[s]} ({100 * p:.1f} %)")
                 if self.memory_bytes:
                     m = self.memory_bytes.get(patch)
                     row.append("-" if m is None else f"{m / 2 ** 30:.2f}")
@@ -497,6 +528,7 @@ class ImbalanceReport:
             "presence": self.presence.tolist(),
             "fraction": self.fraction.tolist(),
             "coverage": self.coverage.tolist(),
+            "co_presence": self.co_presence.tolist(),
             "presence_random": self.presence_random.tolist(),
             "presence_foreground": self.presence_foreground.tolist(),
             "fraction_random": self.fraction_random.tolist(),
@@ -629,12 +661,15 @@ def _check_ratios(value) -> Tuple[float, ...]:
 def _analyze_case(label: np.ndarray, sizes: Sequence[Tuple[int, ...]], num_classes: int,
                   ignore_label: Optional[int]) -> Tuple[np.ndarray, List[int], np.ndarray]:
     """One case, every patch size: (4, n_patch, C) expected count and presence under random patches, then
-    under foreground patches; the classes present; and the (n_patch, C) organ coverage."""
-    stats, counts = patch_stats(label, sizes, num_classes, ignore_label)
+    under foreground patches; the classes present; the (n_patch, C) organ coverage and the (n_patch, C, C)
+    co-presence (nan for the background and absent classes)."""
+    stats, counts, joint = patch_stats(label, sizes, num_classes, ignore_label)
     present = (torch.nonzero(counts[1:]).flatten() + 1).tolist()
     coverage = np.full((len(sizes), num_classes), np.nan)
     coverage[:, present] = stats[:, 4, present].numpy()
-    return stats[:, :4].numpy().transpose(1, 0, 2), present, coverage
+    co_presence = np.full((len(sizes), num_classes, num_classes), np.nan)
+    co_presence[:, present] = joint[:, present].numpy()
+    return stats[:, :4].numpy().transpose(1, 0, 2), present, coverage, co_presence
 
 
 def analyze_imbalance(label_maps: Sequence[np.ndarray], patch_sizes: Sequence[Sequence[int]], *,
@@ -724,6 +759,7 @@ def analyze_imbalance(label_maps: Sequence[np.ndarray], patch_sizes: Sequence[Se
     n_cases = len(label_maps)
     sums = np.zeros((4, len(sizes), num_classes))
     coverage_sum = np.zeros((len(sizes), num_classes))
+    co_presence_sum = np.zeros((len(sizes), num_classes, num_classes))
     containing = np.zeros(num_classes)
     seen = np.zeros(num_classes, bool)
     seen[0] = True
@@ -732,11 +768,12 @@ def analyze_imbalance(label_maps: Sequence[np.ndarray], patch_sizes: Sequence[Se
         return first if i == 0 else _check_label_map(i, label_maps[i], ndim, num_classes, ignore_label)
 
     def add(result) -> None:
-        stats, present, coverage = result
+        stats, present, coverage, co_presence = result
         sums[...] += stats
         seen[present] = True
         found = np.isfinite(coverage[0])
         coverage_sum[:, found] += coverage[:, found]
+        co_presence_sum[:, found] += co_presence[:, found]
         containing[found] += 1
 
     if num_workers == 0 or n_cases == 1:
@@ -772,9 +809,10 @@ def analyze_imbalance(label_maps: Sequence[np.ndarray], patch_sizes: Sequence[Se
     score, share, absent = imbalance_score(fraction, presence, seen, batch_size)
     with np.errstate(invalid="ignore", divide="ignore"):
         coverage = np.where(containing > 0, coverage_sum / containing, np.nan)
+        co_presence = np.where(containing[:, None] > 0, co_presence_sum / containing[:, None], np.nan)
     return ImbalanceReport(
         patch_sizes=sizes, oversample_foreground=ratios, class_names=list(class_names), presence=presence,
-        fraction=fraction, coverage=coverage, score=score, share_term=share, presence_term=absent,
+        fraction=fraction, coverage=coverage, co_presence=co_presence, score=score, share_term=share, presence_term=absent,
         presence_random=pres_r, presence_foreground=pres_f, fraction_random=frac_r, fraction_foreground=frac_f,
         scored=seen, batch_size=int(batch_size), spacing=spacing, num_cases=n_cases, ignore_label=ignore_label,
         seconds=time.perf_counter() - t0)

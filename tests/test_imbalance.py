@@ -91,6 +91,29 @@ def brute_force_coverage(labels, patch, num_classes, ignore_label=None):
     return np.array([np.mean(v) if v else np.nan for v in per_class])
 
 
+def brute_force_co_presence(labels, patch, num_classes, ignore_label=None):
+    """[s, c]: the probability that the foreground patch drawn at a uniform voxel of class s holds class c
+    (background: a 0 voxel, padding included), averaged over the cases containing s; nan rows elsewhere."""
+    patch = tuple(patch)
+    per_class = [[] for _ in range(num_classes)]
+    for label in labels:
+        label = np.asarray(label)
+        padded = tuple(max(s, p) for s, p in zip(label.shape, patch))
+        before = tuple((q - s) // 2 for q, s in zip(padded, label.shape))
+        canvas = np.zeros(padded, label.dtype)
+        canvas[tuple(slice(b, b + s) for b, s in zip(before, label.shape))] = label
+        for c in range(1, num_classes):
+            if c == ignore_label or not (canvas == c).any():
+                continue
+            rows = []
+            for v in np.argwhere(canvas == c):
+                lo = [int(min(max(x - p // 2, 0), q - p)) for x, p, q in zip(v, patch, padded)]
+                box = canvas[tuple(slice(l, l + p) for l, p in zip(lo, patch))]
+                rows.append([(box == d).any() for d in range(num_classes)])
+            per_class[c].append(np.mean(rows, axis=0))
+    return np.array([np.mean(v, axis=0) if v else np.full(num_classes, np.nan) for v in per_class])
+
+
 def brute_force(labels, patch, num_classes, ignore_label=None):
     """Data-set averages: (fraction random, presence random, fraction foreground, presence foreground)."""
     per_case = [brute_force_case(l, patch, num_classes, ignore_label) for l in labels]
@@ -149,6 +172,8 @@ def check_against_oracle(labels, patches, num_classes, ignore_label=None, ratios
         np.testing.assert_allclose(report.presence_foreground[k], pf, rtol=0, atol=TOL)
         np.testing.assert_allclose(report.coverage[k], brute_force_coverage(labels, patch, num_classes, ignore_label),
                                    rtol=0, atol=TOL)
+        np.testing.assert_allclose(report.co_presence[k],
+                                   brute_force_co_presence(labels, patch, num_classes, ignore_label), rtol=0, atol=TOL)
         for j, o in enumerate(ratios):
             np.testing.assert_allclose(report.fraction[k, j], (1 - o) * fr + o * ff, rtol=0, atol=TOL)
             np.testing.assert_allclose(report.presence[k, j], (1 - o) * pr + o * pf, rtol=0, atol=TOL)
@@ -249,10 +274,11 @@ def test_op_matches_reference_on_larger_maps():
         nd = label.ndim
         sizes = [tuple(int(p) for p in rng.integers(1, 2 * max(label.shape), size=nd)) for _ in range(3)]
         sizes += [(1,) * nd, tuple(label.shape), tuple(s + 65 for s in label.shape)]
-        got, got_counts = fastseg.ops.imbalance.patch_stats(label, sizes, C, ignore)
-        want, want_counts = reference_patch_stats(label, sizes, C, ignore)
+        got, got_counts, got_joint = fastseg.ops.imbalance.patch_stats(label, sizes, C, ignore)
+        want, want_counts, want_joint = reference_patch_stats(label, sizes, C, ignore)
         assert torch.equal(got_counts, want_counts)
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(got_joint.numpy(), want_joint.numpy(), rtol=1e-12, atol=1e-12)
 
 
 @needs_op
@@ -263,14 +289,15 @@ def test_op_accepts_every_label_dtype():
     want = fastseg.ops.imbalance.patch_stats(label, sizes, 3)
     for dtype in (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.uint32, np.uint64):
         got = fastseg.ops.imbalance.patch_stats(label.astype(dtype), sizes, 3)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), dtype
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), dtype
     for dtype in (torch.uint16, torch.uint32, torch.uint64):
         got = fastseg.ops.imbalance.patch_stats(torch.from_numpy(label).to(dtype), sizes, 3)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), dtype
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), dtype
     mask = label > 0
     got = fastseg.ops.imbalance.patch_stats(torch.from_numpy(mask), sizes, 2)
     ref = reference_patch_stats(mask.astype(np.int64), sizes, 2)
     np.testing.assert_allclose(got[0].numpy(), ref[0].numpy(), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(got[2].numpy(), ref[2].numpy(), rtol=1e-12, atol=1e-12)
 
 
 @needs_op
@@ -286,7 +313,7 @@ def test_op_does_not_depend_on_the_thread_count():
             results.append(fastseg.ops.imbalance.patch_stats(label, sizes, 8))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 @needs_op
@@ -372,6 +399,29 @@ def test_best_respects_the_memory_budget():
     assert only.oversample_foreground == 0.0
     with pytest.raises(ValueError, match=r"memory_budget_gb: no candidate patch size fits .* smallest estimate"):
         report.best(1e-9, memory)
+
+
+def test_partner_in_view_follows_the_patch_width():
+    # two "orbits" 24 voxels apart along axis 0 and a midline organ: a patch narrower than their distance
+    # never shows both sides, one wider than twice it always does
+    label = np.zeros((48, 20, 10), np.int64)
+    label[10:14, 8:12, 4:6] = 1   # Orbit-Lt
+    label[34:38, 8:12, 4:6] = 2   # Orbit-Rt
+    label[20:28, 2:6, 2:8] = 3    # Brain
+    names = ["background", "Orbit-Lt", "Orbit-Rt", "Brain"]
+    patches = [(16, 8, 4), (64, 20, 10)]
+    report = analyze_imbalance([label], patches, num_classes=4, class_names=names)
+    assert report.co_presence[0, 1, 2] == 0 and report.co_presence[0, 2, 1] == 0
+    assert report.co_presence[1, 1, 2] == 1 and report.co_presence[1, 2, 1] == 1
+    assert np.isnan(report.co_presence[:, 0]).all() and np.all(report.co_presence[:, 1:, 0] == 1)
+    organ, partner, p = report.least_seen_partner(0)
+    assert {organ, partner} == {1, 2} and p == 0
+    assert report.least_seen_partner(1)[2] == 1
+    table = report.table(per_class=False)
+    assert "partner in view" in table and "(0.0 %)" in table and "(100.0 %)" in table
+    assert json.loads(json.dumps(report.to_dict()))["co_presence"][0][1][2] == 0
+    plain = analyze_imbalance([label], patches, num_classes=4)  # no side names: no pairs, no column
+    assert plain.least_seen_partner(0)[0] is None and "partner in view" not in plain.table(per_class=False)
 
 
 def test_min_coverage_keeps_the_organs_in_view():

@@ -31,6 +31,8 @@
 // * Organ coverage (foreground mode): the mean over a class's voxels v of the share of the class inside the
 //   patch centred on v, i.e. <M, K M> / N^2 for the class mask M and the patch window K; each |c ∩ patch(v)|
 //   is a box sum on a summed-volume table of the class over its box, and a run sums them in O(1).
+// * Co-presence (foreground mode): per source class s, the share of its voxels whose centred patch holds class
+//   c; the presence sum above already counts them per source, so it costs nothing more.
 //
 // Tasks (patch size x class, and one erosion per patch size) are handed out from a shared counter,
 // largest first; each writes its own output slots, so the result does not depend on the thread count.
@@ -424,8 +426,9 @@ struct PositionBits {
   }
 };
 
-// sum over the source classes of W * (their voxels whose centred patch lands on a set bit).
-double foreground_hits(const Case& cs, const Axis* ax, const PositionBits& pb, int64_t self) {
+// sum over the source classes of W * (their voxels whose centred patch lands on a set bit); per source class s,
+// the share of its voxels that do goes to given[s] (the probability given a patch drawn for s), if given.
+double foreground_hits(const Case& cs, const Axis* ax, const PositionBits& pb, int64_t self, double* given) {
   double total = 0.0;
   int64_t vl0, vh0, vl1, vh1;
   ax[0].sources(pb.r0.A, pb.r0.A + static_cast<int64_t>(pb.r0.of.size()) - 1, vl0, vh0);
@@ -434,6 +437,7 @@ double foreground_hits(const Case& cs, const Axis* ax, const PositionBits& pb, i
     const ClassRuns& src = cs.codes[s];
     if (s == self) {  // a patch centred on a voxel always contains it
       total += cs.weight[s] * static_cast<double>(src.count);
+      if (given) given[s] = 1.0;
       continue;
     }
     if (src.hi[0] <= vl0 || src.lo[0] >= vh0 || src.hi[1] <= vl1 || src.lo[1] >= vh1) continue;
@@ -445,6 +449,7 @@ double foreground_hits(const Case& cs, const Axis* ax, const PositionBits& pb, i
       n += pb.hits(pb.row(j0, j1), ax[2], r->z0, r->z1);
     }
     total += cs.weight[s] * static_cast<double>(n);
+    if (given) given[s] = static_cast<double>(n) / static_cast<double>(src.count);
   }
   return total;
 }
@@ -671,7 +676,7 @@ double organ_coverage(const ClassRuns& cls, const CoverageTable& t, const Axis* 
 
 // ------------------------------------------------------------------------------------------ the op
 
-std::tuple<at::Tensor, at::Tensor> patch_stats_cpu(const at::Tensor& label_in, at::IntArrayRef patch_sizes,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_stats_cpu(const at::Tensor& label_in, at::IntArrayRef patch_sizes,
                                                    int64_t num_classes, std::optional<int64_t> ignore_label) {
   const char* op = "fastseg::patch_stats";
   TORCH_CHECK_VALUE(label_in.dim() >= 1 && label_in.dim() <= kDims, op,
@@ -714,6 +719,10 @@ std::tuple<at::Tensor, at::Tensor> patch_stats_cpu(const at::Tensor& label_in, a
   // (random, fg)
   std::vector<double> per_code(static_cast<size_t>(K * (C + 1) * kStats), 0.0);
   std::vector<double> inside(static_cast<size_t>(K * 2), 0.0);
+  // per (patch, code, source class s): the probability that a foreground patch drawn for s holds the code
+  // (code 0: lies wholly inside the non-background voxels)
+  const int64_t C1 = C + 1;
+  std::vector<double> given(static_cast<size_t>(K * C1 * C1), 0.0);
   struct Task {
     int64_t k, code, cost;  // code 0: the background erosion; k = -1: the code's coverage at every patch size
   };
@@ -743,7 +752,8 @@ std::tuple<at::Tensor, at::Tensor> patch_stats_cpu(const at::Tensor& label_in, a
       PositionBits pb;
       if (!erode(cs, plan.ax, pb)) return;
       inside[t.k * 2] = static_cast<double>(pb.positions_set()) / positions;
-      inside[t.k * 2 + 1] = cs.foreground.empty() ? inside[t.k * 2] : foreground_hits(cs, plan.ax, pb, -1);
+      inside[t.k * 2 + 1] = cs.foreground.empty() ? inside[t.k * 2]
+                                                  : foreground_hits(cs, plan.ax, pb, -1, &given[t.k * C1 * C1]);
       return;
     }
     const ClassRuns& cls = cs.codes[t.code];
@@ -752,7 +762,8 @@ std::tuple<at::Tensor, at::Tensor> patch_stats_cpu(const at::Tensor& label_in, a
     if (t.code == C) return;  // the ignore label: counts only (they are not background)
     const PositionBits pb = dilate(cls, plan.ax);
     out[1] = static_cast<double>(pb.positions_set()) / positions;
-    out[3] = cs.foreground.empty() ? out[1] : foreground_hits(cs, plan.ax, pb, t.code);
+    out[3] = cs.foreground.empty() ? out[1]
+                                   : foreground_hits(cs, plan.ax, pb, t.code, &given[(t.k * C1 + t.code) * C1]);
   };
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     for (int64_t i = next.fetch_add(1); i < n_tasks; i = next.fetch_add(1)) run(tasks[i]);
@@ -783,7 +794,16 @@ std::tuple<at::Tensor, at::Tensor> patch_stats_cpu(const at::Tensor& label_in, a
     st[(k * kStats + 2) * C] = cs.foreground.empty() ? volume - random_sum : volume - fg_sum;
     st[(k * kStats + 3) * C] = 1.0 - (cs.foreground.empty() ? inside[k * 2] : inside[k * 2 + 1]);
   }
-  return {stats, counts};
+  at::Tensor joint = at::zeros({K, C, C}, label.options().dtype(at::kDouble));
+  double* jt = joint.data_ptr<double>();
+  for (int64_t k = 0; k < K; ++k) {
+    for (const int64_t src : cs.foreground) {
+      double* row = jt + (k * C + src) * C;
+      row[0] = 1.0 - given[k * C1 * C1 + src];
+      for (int64_t c = 1; c < C; ++c) row[c] = given[(k * C1 + c) * C1 + src];
+    }
+  }
+  return {stats, counts, joint};
 }
 
 }  // namespace

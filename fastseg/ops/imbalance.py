@@ -41,14 +41,16 @@ def _flat(patch_sizes: Sequence[Sequence[int]]) -> list:
 
 
 def patch_stats(label, patch_sizes: Sequence[Sequence[int]], num_classes: int,
-                ignore_label: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Exact patch-sampling statistics of one label map: ((K, 5, C) float64, (C,) int64 voxel counts).
+                ignore_label: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact patch-sampling statistics of one label map: ((K, 5, C) float64, (C,) int64 voxel counts,
+    (K, C, C) float64 co-presence).
 
     label: (*spatial) integer labels (numpy array or tensor), 1 to 3 axes; patch_sizes: K sizes of one
     int per axis. The five statistics per class are the expected voxel count in a random patch, the
     probability that a random patch holds the class, the same two under foreground patches (the sampler of
     fastseg.data.sampling), and the class's coverage: the mean share of it inside a foreground patch centred
-    on one of its voxels (0 for the background and absent classes; the contract is in csrc/fastseg.cpp).
+    on one of its voxels (0 for the background and absent classes). Co-presence [k, s, c]: the probability
+    that a foreground patch drawn for class s holds class c (the contract is in csrc/fastseg.cpp).
     Runs the compiled kernel, or
     fastseg._reference without it.
     """
@@ -58,7 +60,7 @@ def patch_stats(label, patch_sizes: Sequence[Sequence[int]], num_classes: int,
 
 
 def reference_patch_stats(label, patch_sizes: Sequence[Sequence[int]], num_classes: int,
-                          ignore_label: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                          ignore_label: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`patch_stats` on fastseg._reference whether or not the kernel is loaded (tests, benchmarks)."""
     return _reference.patch_stats(_as_label_tensor(label), _flat(patch_sizes), num_classes, ignore_label)
 
@@ -73,4 +75,5 @@ if _extension.available():
                      lambda: f"{op}: patch_sizes must hold K * {label.dim()} integers, got {patch_sizes}")
         K = len(patch_sizes) // label.dim()
         return (label.new_empty((K, NUM_STATS, num_classes), dtype=torch.float64),
-                label.new_empty((num_classes,), dtype=torch.int64))
+                label.new_empty((num_classes,), dtype=torch.int64),
+                label.new_empty((K, num_classes, num_classes), dtype=torch.float64))
