@@ -67,11 +67,10 @@ def brute_force_case(label, patch, num_classes, ignore_label=None):
     return rand_count, rand_present, fg_count, fg_present
 
 
-def brute_force_coverage(labels, patch, num_classes, ignore_label=None):
-    """Organ coverage from the contract: per class, the mean over its voxels of the share of its voxels in
-    the foreground patch drawn at that voxel, averaged over the cases containing the class; nan elsewhere."""
+def centred_patches(labels, patch, num_classes, ignore_label=None):
+    """Per case and foreground class c: (c, the patch content at every voxel of c), from the contract (the
+    case padded with background to the patch, centred; the patch centred on the voxel, clipped)."""
     patch = tuple(patch)
-    per_class = [[] for _ in range(num_classes)]
     for label in labels:
         label = np.asarray(label)
         padded = tuple(max(s, p) for s, p in zip(label.shape, patch))
@@ -81,36 +80,28 @@ def brute_force_coverage(labels, patch, num_classes, ignore_label=None):
         for c in range(1, num_classes):
             if c == ignore_label or not (canvas == c).any():
                 continue
-            voxels = np.argwhere(canvas == c)
-            shares = []
-            for v in voxels:
+            boxes = []
+            for v in np.argwhere(canvas == c):
                 lo = [int(min(max(x - p // 2, 0), q - p)) for x, p, q in zip(v, patch, padded)]
-                box = canvas[tuple(slice(l, l + p) for l, p in zip(lo, patch))]
-                shares.append((box == c).sum() / len(voxels))
-            per_class[c].append(np.mean(shares))
+                boxes.append(canvas[tuple(slice(l, l + p) for l, p in zip(lo, patch))])
+            yield c, boxes
+
+
+def brute_force_coverage(labels, patch, num_classes, ignore_label=None):
+    """Organ coverage from the contract: per class, the mean over its voxels of the share of its voxels in
+    the foreground patch drawn at that voxel, averaged over the cases containing the class; nan elsewhere."""
+    per_class = [[] for _ in range(num_classes)]
+    for c, boxes in centred_patches(labels, patch, num_classes, ignore_label):
+        per_class[c].append(np.mean([(box == c).sum() / len(boxes) for box in boxes]))
     return np.array([np.mean(v) if v else np.nan for v in per_class])
 
 
 def brute_force_co_presence(labels, patch, num_classes, ignore_label=None):
     """[s, c]: the probability that the foreground patch drawn at a uniform voxel of class s holds class c
     (background: a 0 voxel, padding included), averaged over the cases containing s; nan rows elsewhere."""
-    patch = tuple(patch)
     per_class = [[] for _ in range(num_classes)]
-    for label in labels:
-        label = np.asarray(label)
-        padded = tuple(max(s, p) for s, p in zip(label.shape, patch))
-        before = tuple((q - s) // 2 for q, s in zip(padded, label.shape))
-        canvas = np.zeros(padded, label.dtype)
-        canvas[tuple(slice(b, b + s) for b, s in zip(before, label.shape))] = label
-        for c in range(1, num_classes):
-            if c == ignore_label or not (canvas == c).any():
-                continue
-            rows = []
-            for v in np.argwhere(canvas == c):
-                lo = [int(min(max(x - p // 2, 0), q - p)) for x, p, q in zip(v, patch, padded)]
-                box = canvas[tuple(slice(l, l + p) for l, p in zip(lo, patch))]
-                rows.append([(box == d).any() for d in range(num_classes)])
-            per_class[c].append(np.mean(rows, axis=0))
+    for c, boxes in centred_patches(labels, patch, num_classes, ignore_label):
+        per_class[c].append(np.mean([[(box == d).any() for d in range(num_classes)] for box in boxes], axis=0))
     return np.array([np.mean(v, axis=0) if v else np.full(num_classes, np.nan) for v in per_class])
 
 
