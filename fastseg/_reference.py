@@ -235,11 +235,12 @@ def patch_stats(label: torch.Tensor, patch_sizes: list[int], num_classes: int,
     """The contract of fastseg::patch_stats (csrc/fastseg.cpp) by explicit window counts.
 
     label (*spatial) integer labels, 1 to 3 axes; patch_sizes K sizes flattened. Returns (K, 5, C) float64
-    [random count, random presence, foreground count, foreground presence, coverage] and (C,) int64 voxel
-    counts, and (K, C, C) float64 co-presence. Per class, the patch's voxel count is tabulated at every position whose window can meet the
-    class's bounding box (separable cumulative sums), and read at the start of every foreground voxel's
-    centred patch; memory is about the class's box grown by the patch, in int64. Coverage: the class's
-    voxels in the centred patch of each of its voxels, by the same separable sums over its box.
+    [random count, random presence, foreground count, foreground presence, coverage], (C,) int64 voxel
+    counts and (K, C, C) float64 co-presence. Per class, the patch's voxel count is tabulated at every
+    position whose window can meet the class's bounding box (separable cumulative sums), and read at the
+    start of every foreground voxel's centred patch, per source class (co-presence) and averaged over the
+    sources (foreground mode); memory is about the class's box grown by the patch, in int64. Coverage: the
+    class's voxels in the centred patch of each of its voxels, by the same separable sums over its box.
     """
     nd, C = label.dim(), num_classes
     shape = tuple(label.shape)
@@ -252,15 +253,11 @@ def patch_stats(label: torch.Tensor, patch_sizes: list[int], num_classes: int,
     totals = torch.bincount(code.reshape(-1), minlength=C + 1)
     present = [c for c in range(1, C + 1) if totals[c] > 0]
     fg_classes = [c for c in present if c < C]
-    weight_of = torch.zeros(C + 1, dtype=torch.float64)
-    for c in fg_classes:
-        weight_of[c] = 1.0 / (len(fg_classes) * int(totals[c]))
 
     voxels = torch.nonzero(code)  # (N, nd) every non-background voxel
     codes = code[tuple(voxels.T)]
-    fg_weight = weight_of[codes]
-    is_source = fg_weight > 0
-    fg_voxels, fg_weight, fg_codes = voxels[is_source], fg_weight[is_source], codes[is_source]  # patch sources
+    is_source = torch.isin(codes, torch.tensor(fg_classes, dtype=codes.dtype))  # voxels foreground patches centre on
+    fg_voxels, fg_codes = voxels[is_source], codes[is_source]
     regions = {c: _crop(code, voxels[codes == c], c) for c in present}
     nonbg = _crop(code, voxels, None) if present else None
 
@@ -274,13 +271,6 @@ def patch_stats(label: torch.Tensor, patch_sizes: list[int], num_classes: int,
         positions = math.prod(n + 1 for n in last)
         starts = torch.stack([(fg_voxels[:, a] + pad[a] - patch[a] // 2).clamp(0, last[a])
                               for a in range(nd)], dim=1)
-
-        def fg_means(begin: list[int], *grids: torch.Tensor) -> list[float]:
-            """Sum of W(v) * grid[start(v)] over the foreground voxels v, for grids over positions >= begin."""
-            idx = starts - torch.tensor(begin)
-            inside = ((idx >= 0) & (idx < torch.tensor(grids[0].shape))).all(dim=1)
-            at, w = tuple(idx[inside].T), fg_weight[inside]
-            return [float((w * g[at].double()).sum()) for g in grids]
 
         def given_source(begin: list[int], grid: torch.Tensor) -> torch.Tensor:
             """(C,) per source class s, the mean of grid[start(v)] over its voxels v (0 off the grid)."""
@@ -297,7 +287,12 @@ def patch_stats(label: torch.Tensor, patch_sizes: list[int], num_classes: int,
             counts, begin = _window_counts(*regions[c], patch, pad, last, meets=True)
             hit = counts > 0
             rc, rp = float(counts.sum()) / positions, float(hit.sum()) / positions
-            fc, fp = fg_means(begin, counts, hit) if fg_classes else (rc, rp)
+            if fg_classes:
+                # a foreground patch draws its class uniformly, then a voxel of it
+                given_hit = given_source(begin, hit)
+                fc, fp = float(given_source(begin, counts)[fg_classes].mean()), float(given_hit[fg_classes].mean())
+            else:
+                fc, fp = rc, rp
             counted[0] += rc
             counted[1] += fc
             if c < C:
@@ -305,15 +300,17 @@ def patch_stats(label: torch.Tensor, patch_sizes: list[int], num_classes: int,
                 cover = float((seen * regions[c][0]).sum()) / float(totals[c]) ** 2
                 stats[k, :, c] = torch.tensor([rc, rp, fc, fp, cover], dtype=torch.float64)
                 if fg_classes:
-                    joint[k, fg_classes, c] = given_source(begin, hit)[fg_classes]
+                    joint[k, fg_classes, c] = given_hit[fg_classes]
         full_random = full_fg = 0.0
         if nonbg is not None:
             full, begin = _window_counts(*nonbg, patch, pad, last, meets=False)
             inside = full == volume
             full_random = float(inside.sum()) / positions
-            full_fg = fg_means(begin, inside)[0] if fg_classes else full_random
+            full_fg = full_random
             if fg_classes:
-                joint[k, fg_classes, 0] = 1.0 - given_source(begin, inside)[fg_classes]
+                given_inside = given_source(begin, inside)[fg_classes]
+                full_fg = float(given_inside.mean())
+                joint[k, fg_classes, 0] = 1.0 - given_inside
         stats[k, :4, 0] = torch.tensor([volume - counted[0], 1.0 - full_random, volume - counted[1],
                                        1.0 - full_fg], dtype=torch.float64)
     return stats, totals[:C].clone(), joint
@@ -334,9 +331,14 @@ def _centred_patch_counts(mask: torch.Tensor, lo: list[int], hi: list[int], patc
         v = torch.arange(lo[a], hi[a])
         first = (v + pad[a] - patch[a] // 2).clamp(0, last[a]) - pad[a] - lo[a]  # the window, from the box
         start, stop = first.clamp(0, hi[a] - lo[a]), (first + patch[a]).clamp(0, hi[a] - lo[a])
-        table = F.pad(counts.cumsum(a), [0, 0] * (mask.dim() - 1 - a) + [1, 0])
-        counts = table.index_select(a, stop) - table.index_select(a, start)
+        counts = _range_sums(counts, a, start, stop)
     return counts
+
+
+def _range_sums(counts: torch.Tensor, axis: int, start: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
+    """Sums of ``counts`` over [start[i], stop[i]) along ``axis``, one per i, from one cumulative sum."""
+    table = F.pad(counts.cumsum(axis), [0, 0] * (counts.dim() - 1 - axis) + [1, 0])
+    return table.index_select(axis, stop) - table.index_select(axis, start)
 
 
 def _window_counts(counts: torch.Tensor, lo: list[int], hi: list[int], patch, pad, last,
@@ -355,7 +357,6 @@ def _window_counts(counts: torch.Tensor, lo: list[int], hi: list[int], patch, pa
         q = torch.arange(first, max(first, final + 1))
         start = (q - pad[a] - lo[a]).clamp(0, hi[a] - lo[a])
         stop = (q - pad[a] + patch[a] - lo[a]).clamp(0, hi[a] - lo[a])
-        table = F.pad(counts.cumsum(a), [0, 0] * (nd - 1 - a) + [1, 0])
-        counts = table.index_select(a, stop) - table.index_select(a, start)
+        counts = _range_sums(counts, a, start, stop)
         begin.append(first)
     return counts, begin

@@ -87,8 +87,8 @@ OR-dilation of each class by the patch (an area's worth of words, not a volume),
 (per-axis coverages for random patches, one summed-volume table of the foreground weights for foreground
 patches), and the background's presence is one minus the probability that the patch lies wholly inside the
 non-background voxels (a bit-packed erosion). Coverage sums, per run, box sums on one summed-volume table of
-each class over its bounding box (O(1) per run and patch size). Everything is exact. Patch sizes and classes are independent
-tasks on torch's intra-op threads.
+each class over its bounding box (O(1) per run and patch size); co-presence is the presence count kept per
+source class. Everything is exact. Patch sizes and classes are independent tasks on torch's intra-op threads.
 """
 from __future__ import annotations
 
@@ -659,7 +659,7 @@ def _check_ratios(value) -> Tuple[float, ...]:
 
 
 def _analyze_case(label: np.ndarray, sizes: Sequence[Tuple[int, ...]], num_classes: int,
-                  ignore_label: Optional[int]) -> Tuple[np.ndarray, List[int], np.ndarray]:
+                  ignore_label: Optional[int]) -> Tuple[np.ndarray, List[int], np.ndarray, np.ndarray]:
     """One case, every patch size: (4, n_patch, C) expected count and presence under random patches, then
     under foreground patches; the classes present; the (n_patch, C) organ coverage and the (n_patch, C, C)
     co-presence (nan for the background and absent classes)."""
@@ -812,7 +812,8 @@ def analyze_imbalance(label_maps: Sequence[np.ndarray], patch_sizes: Sequence[Se
         co_presence = np.where(containing[:, None] > 0, co_presence_sum / containing[:, None], np.nan)
     return ImbalanceReport(
         patch_sizes=sizes, oversample_foreground=ratios, class_names=list(class_names), presence=presence,
-        fraction=fraction, coverage=coverage, co_presence=co_presence, score=score, share_term=share, presence_term=absent,
+        fraction=fraction, coverage=coverage, co_presence=co_presence, score=score, share_term=share,
+        presence_term=absent,
         presence_random=pres_r, presence_foreground=pres_f, fraction_random=frac_r, fraction_foreground=frac_f,
         scored=seen, batch_size=int(batch_size), spacing=spacing, num_cases=n_cases, ignore_label=ignore_label,
         seconds=time.perf_counter() - t0)

@@ -116,6 +116,109 @@ struct ClassRuns {
   }
 };
 
+// ------------------------------------------------------------------------------------ summed tables
+
+// Pieces of a monotone index function e(u) along the last axis on which it is affine with slope d in {0, 1}.
+struct Piece {
+  int64_t p, q, d, e;  // u in [p, q), e(u) = e + d * (u - p)
+};
+
+std::vector<Piece> pieces_of(const std::vector<int64_t>& e) {
+  std::vector<Piece> out;
+  const int64_t n = static_cast<int64_t>(e.size());
+  int64_t p = 0;
+  while (p < n) {
+    int64_t q = p + 1, d = 0;
+    if (q < n && (e[q] - e[p] == 0 || e[q] - e[p] == 1)) {
+      d = e[q] - e[p];
+      while (q < n && e[q] - e[q - 1] == d) ++q;
+    }
+    out.push_back({p, q, d, e[p]});
+    p = q;
+  }
+  return out;
+}
+
+// sum over u in [z0, z1) of T[e(u)], from a Q row (Q[k] = sum_{m<k} T[m]).
+template <typename V>
+V sum_over_pieces(const V* q, const std::vector<Piece>& pieces, int64_t z0, int64_t z1) {
+  V s = 0;
+  for (const Piece& pc : pieces) {
+    const int64_t a = std::max(z0, pc.p), b = std::min(z1, pc.q);
+    if (a >= b) continue;
+    const int64_t e = pc.e + pc.d * (a - pc.p);
+    s += pc.d ? q[e + (b - a)] - q[e] : static_cast<V>(b - a) * (q[e + 1] - q[e]);
+  }
+  return s;
+}
+
+// In place: values stored at [i + 1][j + 1][m + 1] of an (n0, n1, n2) table become Q, the summed-volume table
+// T (T[i][j][m] = sum over [0, i) x [0, j) x [0, m)) summed once more along the last axis: Q[i][j][k] =
+// sum_{m < k} T[i][j][m]. A run's sum of T over a slope-1 range of the last axis is then a Q difference.
+template <typename V>
+void integrate_table(V* q, int64_t n0, int64_t n1, int64_t n2) {
+  at::parallel_for(1, n0, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t j = 1; j < n1; ++j) {
+        V* row = q + (i * n1 + j) * n2;
+        const V* prev = row - n2;
+        for (int64_t k = 0; k < n2; ++k) row[k] += prev[k];
+      }
+    }
+  });
+  for (int64_t i = 1; i < n0; ++i) {
+    V* plane = q + i * n1 * n2;
+    const V* prev = plane - n1 * n2;
+    for (int64_t k = 0; k < n1 * n2; ++k) plane[k] += prev[k];
+  }
+  // a shifted running sum along the last axis turns T into Q (Q[0] = 0)
+  at::parallel_for(0, n0 * n1, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      V* row = q + r * n2;
+      V t = 0, acc = 0;
+      for (int64_t k = 0; k < n2; ++k) {
+        const V w = row[k];
+        row[k] = acc;
+        t += w;
+        acc += t;
+      }
+    }
+  });
+}
+
+// A summed-volume table over a box [lo, lo + ext) of the case, in the Q form of integrate_table: painted run
+// by run, integrated once, then read as box sums over [i0, i1) x [j0, j1) x [from(u), to(u)) summed over a
+// run's voxels u (four corners in (x, y), piece sums along the last axis).
+template <typename V>
+struct SummedTable {
+  int64_t lo[kDims] = {0, 0, 0}, ext[kDims] = {0, 0, 0};
+  std::vector<V> Q;
+
+  void reset(const int64_t* box_lo, const int64_t* box_ext) {
+    for (int a = 0; a < kDims; ++a) lo[a] = box_lo[a], ext[a] = box_ext[a];
+    Q.assign(static_cast<size_t>((ext[0] + 1) * (ext[1] + 1) * (ext[2] + 2)), V(0));
+  }
+  int64_t row_at(int64_t i, int64_t j) const { return (i * (ext[1] + 1) + j) * (ext[2] + 2); }
+  void paint(const std::vector<Run>& runs, V value) {
+    for (const Run& r : runs) {
+      V* row = Q.data() + row_at(r.x - lo[0] + 1, r.y - lo[1] + 1) + 1 - lo[2];
+      for (int64_t z = r.z0; z < r.z1; ++z) row[z] = value;
+    }
+  }
+  void integrate() { integrate_table(Q.data(), ext[0] + 1, ext[1] + 1, ext[2] + 2); }
+  V run_sum(int64_t i0, int64_t i1, int64_t j0, int64_t j1, const std::vector<Piece>& from,
+            const std::vector<Piece>& to, int64_t z0, int64_t z1) const {
+    const int64_t rows[4] = {row_at(i1, j1), row_at(i0, j1), row_at(i1, j0), row_at(i0, j0)};
+    const V sign[4] = {V(1), V(-1), V(-1), V(1)};
+    V total = 0;
+    for (int k = 0; k < 4; ++k) {
+      const V* q = Q.data() + rows[k];
+      total += sign[k] * (sum_over_pieces(q, to, z0, z1) - sum_over_pieces(q, from, z0, z1));
+    }
+    return total;
+  }
+};
+
 // The patch-size independent part of one case.
 struct Case {
   int64_t shape[kDims];
@@ -124,12 +227,7 @@ struct Case {
   ClassRuns nonbg;                  // runs of any nonzero label (classes and ignored voxels)
   std::vector<int64_t> foreground;  // classes 1..C-1 present
   std::vector<double> weight;       // per code: W = 1 / (K * N_code) for foreground classes, else 0
-  // Summed-volume table of W over the foreground's bounding box, summed once more along the last axis:
-  // Q[i][j][k] = sum_{m < k} T[i][j][m], T[i][j][m] = sum of W over [0, i) x [0, j) x [0, m) of the box.
-  int64_t fbox_lo[kDims] = {0, 0, 0}, fbox_ext[kDims] = {0, 0, 0};
-  std::vector<double> Q;
-
-  int64_t q_row(int64_t i, int64_t j) const { return (i * (fbox_ext[1] + 1) + j) * (fbox_ext[2] + 2); }
+  SummedTable<double> weights;      // of W over the foreground's bounding box
 };
 
 template <typename T>
@@ -172,60 +270,19 @@ void scan_rows(const T* label, const int64_t* shape, int64_t C, bool has_ignore,
   }
 }
 
-// In place: values stored at [i + 1][j + 1][m + 1] of an (n0, n1, n2) table become Q, the summed-volume table
-// T (T[i][j][m] = sum over [0, i) x [0, j) x [0, m)) summed once more along the last axis: Q[i][j][k] =
-// sum_{m < k} T[i][j][m]. A run's sum of T over a slope-1 range of the last axis is then a Q difference.
-template <typename V>
-void integrate_table(V* q, int64_t n0, int64_t n1, int64_t n2) {
-  at::parallel_for(1, n0, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      for (int64_t j = 1; j < n1; ++j) {
-        V* row = q + (i * n1 + j) * n2;
-        const V* prev = row - n2;
-        for (int64_t k = 0; k < n2; ++k) row[k] += prev[k];
-      }
-    }
-  });
-  for (int64_t i = 1; i < n0; ++i) {
-    V* plane = q + i * n1 * n2;
-    const V* prev = plane - n1 * n2;
-    for (int64_t k = 0; k < n1 * n2; ++k) plane[k] += prev[k];
-  }
-  // a shifted running sum along the last axis turns T into Q (Q[0] = 0)
-  at::parallel_for(0, n0 * n1, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      V* row = q + r * n2;
-      V t = 0, acc = 0;
-      for (int64_t k = 0; k < n2; ++k) {
-        const V w = row[k];
-        row[k] = acc;
-        t += w;
-        acc += t;
-      }
-    }
-  });
-}
-
 void build_weight_table(Case& cs) {
   const int64_t K = static_cast<int64_t>(cs.foreground.size());
   for (const int64_t c : cs.foreground) cs.weight[c] = 1.0 / (static_cast<double>(K) * cs.codes[c].count);
+  int64_t lo[kDims], ext[kDims];
   for (int a = 0; a < kDims; ++a) {
-    int64_t lo = INT64_MAX, hi = INT64_MIN;
-    for (const int64_t c : cs.foreground) lo = std::min(lo, cs.codes[c].lo[a]), hi = std::max(hi, cs.codes[c].hi[a]);
-    cs.fbox_lo[a] = lo;
-    cs.fbox_ext[a] = hi - lo;
+    int64_t l = INT64_MAX, h = INT64_MIN;
+    for (const int64_t c : cs.foreground) l = std::min(l, cs.codes[c].lo[a]), h = std::max(h, cs.codes[c].hi[a]);
+    lo[a] = l;
+    ext[a] = h - l;
   }
-  const int64_t n0 = cs.fbox_ext[0] + 1, n1 = cs.fbox_ext[1] + 1, n2 = cs.fbox_ext[2] + 2;
-  cs.Q.assign(static_cast<size_t>(n0 * n1 * n2), 0.0);
-  double* q = cs.Q.data();
-  for (const int64_t c : cs.foreground) {
-    const double w = cs.weight[c];
-    for (const Run& r : cs.codes[c].runs) {
-      double* row = q + cs.q_row(r.x - cs.fbox_lo[0] + 1, r.y - cs.fbox_lo[1] + 1) + 1 - cs.fbox_lo[2];
-      for (int64_t z = r.z0; z < r.z1; ++z) row[z] = w;
-    }
-  }
-  integrate_table(q, n0, n1, n2);
+  cs.weights.reset(lo, ext);
+  for (const int64_t c : cs.foreground) cs.weights.paint(cs.codes[c].runs, cs.weight[c]);
+  cs.weights.integrate();
 }
 
 template <typename T>
@@ -520,27 +577,6 @@ bool erode(const Case& cs, const Axis* ax, PositionBits& pb) {
 
 // ------------------------------------------------------------------------------------ expected counts
 
-// Pieces of a monotone index function e(u) along the last axis on which it is affine with slope d in {0, 1}.
-struct Piece {
-  int64_t p, q, d, e;  // u in [p, q), e(u) = e + d * (u - p)
-};
-
-std::vector<Piece> pieces_of(const std::vector<int64_t>& e) {
-  std::vector<Piece> out;
-  const int64_t n = static_cast<int64_t>(e.size());
-  int64_t p = 0;
-  while (p < n) {
-    int64_t q = p + 1, d = 0;
-    if (q < n && (e[q] - e[p] == 0 || e[q] - e[p] == 1)) {
-      d = e[q] - e[p];
-      while (q < n && e[q] - e[q - 1] == d) ++q;
-    }
-    out.push_back({p, q, d, e[p]});
-    p = q;
-  }
-  return out;
-}
-
 // Patch-size dependent tables of one case shared by its tasks.
 struct PatchPlan {
   Axis ax[kDims];
@@ -567,8 +603,8 @@ struct PatchPlan {
       for (int64_t u = 0; u < cs.shape[a]; ++u) {
         int64_t vl, vh;
         ax[a].sources(ax[a].first_holding(u), ax[a].last_holding(u), vl, vh);
-        lo[u] = clamp(vl - cs.fbox_lo[a], 0, cs.fbox_ext[a]);
-        hi[u] = clamp(vh - cs.fbox_lo[a], 0, cs.fbox_ext[a]);
+        lo[u] = clamp(vl - cs.weights.lo[a], 0, cs.weights.ext[a]);
+        hi[u] = clamp(vh - cs.weights.lo[a], 0, cs.weights.ext[a]);
       }
     };
     bounds(0, lo0, hi0);
@@ -579,19 +615,6 @@ struct PatchPlan {
     hi2 = pieces_of(h2);
   }
 };
-
-// sum over u in [z0, z1) of T[e(u)], from a Q row (Q[k] = sum_{m<k} T[m]).
-template <typename V>
-V sum_over_pieces(const V* q, const std::vector<Piece>& pieces, int64_t z0, int64_t z1) {
-  V s = 0;
-  for (const Piece& pc : pieces) {
-    const int64_t a = std::max(z0, pc.p), b = std::min(z1, pc.q);
-    if (a >= b) continue;
-    const int64_t e = pc.e + pc.d * (a - pc.p);
-    s += pc.d ? q[e + (b - a)] - q[e] : static_cast<V>(b - a) * (q[e + 1] - q[e]);
-  }
-  return s;
-}
 
 // Expected voxel counts of one class in a random and in a foreground patch.
 void expected_counts(const Case& cs, const PatchPlan& plan, const ClassRuns& cls, double& random, double& fg) {
@@ -609,12 +632,7 @@ void expected_counts(const Case& cs, const PatchPlan& plan, const ClassRuns& cls
   for (const Run& r : cls.runs) {
     const int64_t i0 = plan.lo0[r.x], i1 = plan.hi0[r.x], j0 = plan.lo1[r.y], j1 = plan.hi1[r.y];
     if (i0 >= i1 || j0 >= j1) continue;
-    const int64_t rows[4] = {cs.q_row(i1, j1), cs.q_row(i0, j1), cs.q_row(i1, j0), cs.q_row(i0, j0)};
-    const double sign[4] = {1.0, -1.0, -1.0, 1.0};
-    for (int k = 0; k < 4; ++k) {
-      const double* q = cs.Q.data() + rows[k];
-      total += sign[k] * (sum_over_pieces(q, plan.hi2, r.z0, r.z1) - sum_over_pieces(q, plan.lo2, r.z0, r.z1));
-    }
+    total += cs.weights.run_sum(i0, i1, j0, j1, plan.lo2, plan.hi2, r.z0, r.z1);
   }
   fg = total;
 }
@@ -623,25 +641,17 @@ void expected_counts(const Case& cs, const PatchPlan& plan, const ClassRuns& cls
 
 // Coverage of a class c with N voxels: (1 / N^2) * sum over its voxels v of |c ∩ patch(v)|, patch(v) the
 // foreground patch centred on v. On a summed-volume table of c's mask over its box, |c ∩ patch(v)| is a box
-// sum: the patch's extent along axes 0 and 1 is fixed within a run (four corners), and its bounds along the
-// last axis are monotone in v with slope 0 or 1, so the run's sum over v is two piece sums of the table's
-// Q form. One table per class serves every patch size; all sums are integers (int64, exact).
-struct CoverageTable {
-  int64_t lo[kDims], ext[kDims];
-  std::vector<int64_t> Q;
-
-  explicit CoverageTable(const ClassRuns& cls) {
-    for (int a = 0; a < kDims; ++a) lo[a] = cls.lo[a], ext[a] = cls.extent(a);
-    const int64_t n0 = ext[0] + 1, n1 = ext[1] + 1, n2 = ext[2] + 2;
-    Q.assign(static_cast<size_t>(n0 * n1 * n2), 0);
-    for (const Run& r : cls.runs) {
-      int64_t* row = Q.data() + row_at(r.x - lo[0] + 1, r.y - lo[1] + 1) + 1 - lo[2];
-      for (int64_t z = r.z0; z < r.z1; ++z) row[z] = 1;
-    }
-    integrate_table(Q.data(), n0, n1, n2);
-  }
-  int64_t row_at(int64_t i, int64_t j) const { return (i * (ext[1] + 1) + j) * (ext[2] + 2); }
-};
+// sum: the patch's extent along axes 0 and 1 is fixed within a run, and its bounds along the last axis are
+// monotone in v with slope 0 or 1 (SummedTable::run_sum). One table per class serves every patch size; all
+// sums are integers (int64, exact).
+SummedTable<int64_t> coverage_table(const ClassRuns& cls) {
+  SummedTable<int64_t> t;
+  const int64_t ext[kDims] = {cls.extent(0), cls.extent(1), cls.extent(2)};
+  t.reset(cls.lo, ext);
+  t.paint(cls.runs, 1);
+  t.integrate();
+  return t;
+}
 
 // The patch's extent in the class box along axis a, [lo, hi) per voxel v of the case (clipped to the box).
 void patch_bounds(const Axis& ax, int64_t box_lo, int64_t box_ext, std::vector<int64_t>& lo, std::vector<int64_t>& hi) {
@@ -654,7 +664,7 @@ void patch_bounds(const Axis& ax, int64_t box_lo, int64_t box_ext, std::vector<i
   }
 }
 
-double organ_coverage(const ClassRuns& cls, const CoverageTable& t, const Axis* ax) {
+double organ_coverage(const ClassRuns& cls, const SummedTable<int64_t>& t, const Axis* ax) {
   std::vector<int64_t> lo0, hi0, lo1, hi1, lo2, hi2;
   patch_bounds(ax[0], t.lo[0], t.ext[0], lo0, hi0);
   patch_bounds(ax[1], t.lo[1], t.ext[1], lo1, hi1);
@@ -662,13 +672,7 @@ double organ_coverage(const ClassRuns& cls, const CoverageTable& t, const Axis* 
   const std::vector<Piece> from = pieces_of(lo2), to = pieces_of(hi2);
   int64_t total = 0;
   for (const Run& r : cls.runs) {
-    const int64_t i0 = lo0[r.x], i1 = hi0[r.x], j0 = lo1[r.y], j1 = hi1[r.y];
-    const int64_t rows[4] = {t.row_at(i1, j1), t.row_at(i0, j1), t.row_at(i1, j0), t.row_at(i0, j0)};
-    const int64_t sign[4] = {1, -1, -1, 1};
-    for (int k = 0; k < 4; ++k) {
-      const int64_t* q = t.Q.data() + rows[k];
-      total += sign[k] * (sum_over_pieces(q, to, r.z0, r.z1) - sum_over_pieces(q, from, r.z0, r.z1));
-    }
+    total += t.run_sum(lo0[r.x], hi0[r.x], lo1[r.y], hi1[r.y], from, to, r.z0, r.z1);
   }
   const double n = static_cast<double>(cls.count);
   return static_cast<double>(total) / (n * n);
@@ -676,8 +680,9 @@ double organ_coverage(const ClassRuns& cls, const CoverageTable& t, const Axis* 
 
 // ------------------------------------------------------------------------------------------ the op
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_stats_cpu(const at::Tensor& label_in, at::IntArrayRef patch_sizes,
-                                                   int64_t num_classes, std::optional<int64_t> ignore_label) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_stats_cpu(const at::Tensor& label_in,
+                                                               at::IntArrayRef patch_sizes, int64_t num_classes,
+                                                               std::optional<int64_t> ignore_label) {
   const char* op = "fastseg::patch_stats";
   TORCH_CHECK_VALUE(label_in.dim() >= 1 && label_in.dim() <= kDims, op,
                     ": label must have 1 to 3 spatial axes, got shape ", label_in.sizes());
@@ -739,7 +744,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_stats_cpu(const at::Tensor&
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   auto run = [&](const Task& t) {
     if (t.k < 0) {
-      const CoverageTable table(cs.codes[t.code]);
+      const SummedTable<int64_t> table = coverage_table(cs.codes[t.code]);
       for (int64_t k = 0; k < K; ++k) {
         per_code[(k * (C + 1) + t.code) * kStats + 4] = organ_coverage(cs.codes[t.code], table, plans[k].ax);
       }
