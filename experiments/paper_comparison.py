@@ -65,23 +65,26 @@ SIZE_GROUPS = ("small", "medium", "large")
 TOLERANCE_MM = 2.0      # surface Dice (NSD) tolerance
 CONFIDENCE_KEYS = ("ece", "mce", "tp_confidence", "fp_confidence", "fn_confidence")
 
-# sw_overlap 0.25 on the CPU: it cut the cpu profile's measured prediction time from ~9 to ~6 min (of ~60);
-# nnU-Net's 0.5 on the GPU. lr 1e-2 without augmentation on the CPU: the short trainings the CPU affords learned
-# far more organs so in the demo's tuning (fastseg/training/demo.py), and the 120-iteration lr 3e-3 run with
-# augmentation had learned only the brain (docs/comparison.md before 2026-12-07).
-_CPU = dict(spacing=[3.0, 3.0, 3.0], batch_size=2, lr=1e-2, augment=False, base_features=8, max_features=64,
-            num_workers=0, device="cpu", memory_budget_gb=0.26, sw_overlap=0.25, synthetic_train=10,
-            synthetic_test=4)
+# The CPU profile trains what the CPU demo trains (fastseg/training/demo.py: 2x2x3 mm, 8-64 features, lr 1e-2
+# without augmentation, foreground oversampling 0.67, 750 iterations; it learned 13 of the 21 organs), under
+# the memory its 96x64x24 patch needs (0.19 GiB). The earlier profile (3 mm, 400 iterations, 1/3 oversampling)
+# learned almost nothing but the brain in any arm (docs/comparison.md of 2026-12-07). sw_overlap 0.25 on the
+# CPU: it cut the measured prediction time by a third; nnU-Net's 0.5 on the GPU.
+_CPU = dict(spacing=[2.0, 2.0, 3.0], batch_size=2, lr=1e-2, augment=False, base_features=8, max_features=64,
+            num_workers=0, device="cpu", memory_budget_gb=0.2, sw_overlap=0.25, synthetic_train=10,
+            synthetic_test=4, oversample_foreground=0.67)
 PROFILES: Dict[str, Dict[str, Any]] = {
     # pipeline check: the cpu profile's data, patches and network, 1 seed, 20 iterations
     "smoke": {**_CPU, "seeds": [0], "iterations": 20},
-    # 88 min wall on the project's 2-core CPU with one process per dataset (experiments/README.md)
-    "cpu": {**_CPU, "seeds": [0, 1, 2], "iterations": 400},
+    "cpu": {**_CPU, "seeds": [0, 1, 2], "iterations": 750},
     # not run here: a CUDA machine, finer spacing, nnU-Net-sized network and budget
     "gpu": dict(spacing=[1.5, 1.5, 3.0], batch_size=2, lr=3e-3, augment=True, base_features=32,
                 max_features=320, num_workers=4, device="cuda", memory_budget_gb=8.0, sw_overlap=0.5,
-                synthetic_train=20, synthetic_test=8, seeds=[0, 1, 2], iterations=2000),
+                synthetic_train=20, synthetic_test=8, seeds=[0, 1, 2], iterations=2000,
+                oversample_foreground=1 / 3),
 }
+# nnU-Net's rule scales the median shape down until the training fits; these steps let it reach the CPU budget
+SCALED_FRACTIONS = tuple(k / 16 for k in range(4, 17))
 
 
 def _fail(name: str, expected: str, got) -> None:
@@ -267,7 +270,7 @@ def base_config(info: Dict[str, Any], settings: Dict[str, Any], **changes):
 
     values = dict(dataset=info["description"], target_spacing=list(info["spacing"]), val_cases=0,
                   iterations=settings["iterations"], batch_size=settings["batch_size"], lr=settings["lr"],
-                  augment=settings["augment"],
+                  augment=settings["augment"], oversample_foreground=settings["oversample_foreground"],
                   base_features=settings["base_features"], max_features=settings["max_features"],
                   num_workers=settings["num_workers"], device=settings["device"], sw_overlap=settings["sw_overlap"],
                   memory_budget_gb=settings["memory_budget_gb"], deterministic=True, val_every=0,
@@ -276,23 +279,14 @@ def base_config(info: Dict[str, Any], settings: Dict[str, Any], **changes):
     return TrainConfig(**values)
 
 
-def _training_memory(patch, spacing, num_classes: int, settings: Dict[str, Any]) -> int:
-    """The estimate recommend_patch_size budgets with: the reference U-Net planned for ``patch``."""
-    from fastseg.imbalance import estimate_training_memory
-    from fastseg.models import UNet
-
-    net = UNet.from_patch_size(1, num_classes, patch, spacing, base_features=settings["base_features"],
-                               max_features=settings["max_features"])
-    return estimate_training_memory(net, net.padded_patch_size(patch), batch_size=settings["batch_size"])
-
-
 def plan_patches(info: Dict[str, Any], settings: Dict[str, Any], path: Path) -> Dict[str, Any]:
-    """default: nnU-Net's rule, the largest candidate (median-shape aspect) whose training fits the memory
-    budget; optimised: fastseg's recommend_patch_size (the trainer's ``patch_size: auto``) under the same
-    budget. Both from the preprocessed training label maps the trainer itself prepares."""
+    """default: nnU-Net's rule, the largest patch of the median shape's aspect whose training fits the memory
+    budget; optimised: fastseg's recommend_patch_size (the trainer's ``patch_size: auto``), the best-balanced of
+    the shapes that use the same budget. Both from the preprocessed training label maps the trainer prepares."""
     if path.is_file():
         return _read_json(path)
-    from fastseg.imbalance import analyze_imbalance, candidate_patch_sizes, recommend_patch_size
+    from fastseg.imbalance import (analyze_imbalance, budget_patch_sizes, candidate_patch_sizes,
+                                   recommend_patch_size, unet_memory_fn)
     from fastseg.training import Trainer
 
     t0 = time.perf_counter()
@@ -300,27 +294,33 @@ def plan_patches(info: Dict[str, Any], settings: Dict[str, Any], path: Path) -> 
     trainer = Trainer(cfg, progress=False)
     trainer.prepare_data()  # the plan's patch (the config default) is not used: only the prepared labels are
     labels = [c.label for c in trainer.train_cases]
+    shapes = [lab.shape for lab in labels]
     spacing = trainer.plan["target_spacing"]
     num_classes = len(info["organs"]) + 1
-    budget = int(settings["memory_budget_gb"] * 2 ** 30)
-    candidates = candidate_patch_sizes([lab.shape for lab in labels])
-    memory = {c: _training_memory(c, spacing, num_classes, settings) for c in candidates}
-    fits = [c for c in candidates if memory[c] <= budget]
+    gib = settings["memory_budget_gb"]
+    memory = unet_memory_fn(spacing, num_classes, batch_size=cfg.batch_size, base_features=cfg.base_features,
+                            max_features=cfg.max_features)
+    fits = [c for c in candidate_patch_sizes(shapes, fractions=SCALED_FRACTIONS) if memory(c) <= gib * 2 ** 30]
     if not fits:
-        _fail("memory_budget_gb", f"a budget that fits one of the candidate patches {candidates} "
-              f"(smallest estimate {min(memory.values()) / 2 ** 30:.3f} GiB)", settings["memory_budget_gb"])
+        _fail("memory_budget_gb", "a budget that fits the median shape scaled to a quarter", gib)
     default = max(fits, key=lambda c: (int(np.prod(c)), c))
     optimised = tuple(recommend_patch_size(
         labels, spacing=spacing, num_classes=num_classes, oversample_foreground=cfg.oversample_foreground,
-        memory_budget_gb=settings["memory_budget_gb"], batch_size=cfg.batch_size,
-        base_features=cfg.base_features, max_features=cfg.max_features))
+        memory_budget_gb=gib, batch_size=cfg.batch_size, base_features=cfg.base_features,
+        max_features=cfg.max_features))
+    candidates = budget_patch_sizes(shapes, memory, gib)
+    if default not in candidates:
+        candidates.append(default)
     report = analyze_imbalance(labels, candidates, oversample_foreground=(cfg.oversample_foreground,),
                                num_classes=num_classes, class_names=["background", *info["organs"]],
                                spacing=spacing, batch_size=cfg.batch_size)
     rows = []
     for i, c in enumerate(candidates):
         presence = report.presence[i, 0]
-        rows.append({"patch": list(c), "memory_gib": memory[c] / 2 ** 30, "fits": memory[c] <= budget,
+        organ, partner, seen = report.least_seen_partner(i)
+        rows.append({"patch": list(c), "memory_gib": memory(c) / 2 ** 30,
+                     "least_seen_partner": None if organ is None else [report.class_names[organ],
+                                                                       report.class_names[partner], seen],
                      "score": float(report.score[i, 0]), "share_term": float(report.share_term[i, 0]),
                      "presence_term": float(report.presence_term[i, 0]),
                      "presence": {n: float(p) for n, p in zip(report.class_names, presence)},
@@ -559,17 +559,22 @@ def _patch_section(r: Results, d: str) -> str:
         least = min(small, key=lambda o: c["presence"][o]) if small else None
         coverage = c.get("coverage")  # plans written before the coverage existed lack it
         covered = min(coverage, key=coverage.get) if coverage else None
-        rows.append([_size(c["patch"]), mm, f"{c['memory_gib']:.3f}", "yes" if c["fits"] else "no",
+        organ, partner, seen = c["least_seen_partner"] or (None, None, None)
+        rows.append([_size(c["patch"]), mm, f"{c['memory_gib']:.3f}",
                      f"{c['score']:.3f}", f"{c['share_term']:.2f}", f"{c['presence_term']:.2f}",
                      f"{least} {100 * c['presence'][least]:.1f} %" if least else "–",
-                     f"{covered} {100 * coverage[covered]:.0f} %" if covered else "–", ", ".join(role) or ""])
-    return (f"Candidates (fastseg.imbalance.candidate_patch_sizes of the median preprocessed training shape "
-            f"{_size(np.round(plan['median_shape']))}; memory: estimate_training_memory of the planned U-Net, "
-            f"batch {r.settings['batch_size']}; score: analyze_imbalance at foreground oversampling "
-            f"{plan['oversample_foreground']:.3g}, lower is more balanced), budget {plan['memory_budget_gb']:g} GiB:\n\n"
-            + _table(["patch (vox)", "mm", "memory GiB", "fits", "imbalance score", "share term", "presence term",
-                      "least present small organ", "least covered organ", "arm"], rows,
-                     ["---"] * 2 + ["---:"] * 5 + ["---"] * 3))
+                     f"{covered} {100 * coverage[covered]:.0f} %" if covered else "–",
+                     f"{partner} for {organ} {100 * seen:.0f} %" if organ else "–", ", ".join(role) or ""])
+    return (f"Candidates: fastseg.imbalance.budget_patch_sizes of the median preprocessed training shape "
+            f"{_size(np.round(plan['median_shape']))} (every aspect on a grid of eighths of it whose training "
+            f"memory uses 85–100 % of the budget, {plan['memory_budget_gb']:g} GiB), plus the default; memory: "
+            f"estimate_training_memory of the planned U-Net, batch {r.settings['batch_size']}; score: "
+            f"analyze_imbalance at foreground oversampling {plan['oversample_foreground']:.3g}, lower is more "
+            "balanced; partner in view: the least probability over the left / right pairs that a patch drawn for "
+            "one side shows the other.\n\n"
+            + _table(["patch (vox)", "mm", "memory GiB", "imbalance score", "share term", "presence term",
+                      "least present small organ", "least covered organ", "partner in view", "arm"], rows,
+                     ["---"] * 2 + ["---:"] * 4 + ["---"] * 4))
 
 
 def _setup_section(r: Results, profile: str) -> str:
@@ -597,9 +602,10 @@ def _setup_section(r: Results, profile: str) -> str:
         "- Losses: DiceCE = fastseg.DiceCELoss(absent_classes='keep') (standard soft Dice + CE); class adaptive "
         "DiceCE = absent_classes='ignore' (the Dice mean runs over the classes present in each sample's target, "
         "Tappeiner et al. 2022); background excluded from the Dice term, CE over all classes.",
-        "- Patches: *default* = nnU-Net's rule, the largest candidate of the median shape's aspect whose estimated "
-        "training memory fits the budget; *optimised* = fastseg.imbalance.recommend_patch_size (what "
-        "`patch_size: auto` trains with), the lowest imbalance score under the same budget.",
+        "- Patches: *default* = nnU-Net's rule, the largest patch of the median shape's aspect (scaled in "
+        "sixteenths) whose estimated training memory fits the budget; *optimised* = "
+        "fastseg.imbalance.recommend_patch_size (what `patch_size: auto` trains with), the lowest imbalance score "
+        "among the shapes of any aspect that use 85–100 % of the same budget.",
         f"- Size groups by the organ's volume: small < {SIZE_LIMITS_MM3[0] / 1e3:g} cm³ ≤ medium < "
         f"{SIZE_LIMITS_MM3[1] / 1e3:g} cm³ ≤ large, i.e. in voxels of the working spacing the thresholds "
         + "; ".join(f"{d}: {' / '.join(f'{v:.0f}' for v in size_limits_voxels(r.info[d]['spacing']))}"
@@ -744,7 +750,7 @@ def _cost_section(r: Results, profile: str) -> str:
 
 
 _COMPARABLE = ("spacing", "batch_size", "base_features", "max_features", "memory_budget_gb", "device",
-               "synthetic_train", "synthetic_test", "num_workers")
+               "synthetic_train", "synthetic_test", "num_workers", "oversample_foreground")
 
 
 def estimate_minutes(r: Results, target: Dict[str, Any]) -> Optional[Tuple[float, float]]:
@@ -878,6 +884,8 @@ def run(args) -> Path:
         plan = plan_patches(info, settings, run_dir / d / "patches.json")
         for seed in settings["seeds"]:  # seed-major: an interrupted run leaves whole seeds behind
             for patch, loss in ARMS:
+                if patch not in args.patches:
+                    continue
                 folder = arm_folder(run_dir, d, patch, loss, seed)
                 if (folder / "result.json").is_file():
                     continue
@@ -914,6 +922,8 @@ def main(argv=None) -> int:
                     help="datasets, models, predictions and result JSONs (outside the repository)")
     ap.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     ap.add_argument("--seeds", nargs="+", type=int, help="training seeds (default: the profile's)")
+    ap.add_argument("--patches", nargs="+", choices=PATCHES, default=list(PATCHES),
+                    help="train only these patch arms (two processes can share a run: one per patch)")
     ap.add_argument("--iterations", type=int, help="training iterations per arm (default: the profile's)")
     ap.add_argument("--organs", nargs="+", default=list(ORGANS), help="organ subset (default: all 21)")
     ap.add_argument("--spacing", nargs=3, type=float, help="working spacing x y z in mm (default: the profile's)")

@@ -211,8 +211,9 @@ def _add_imbalance(sub) -> None:
     p = sub.add_parser("imbalance", help="exact per-class presence / voxel fraction and imbalance score of "
                                          "candidate patch sizes; recommends one under a memory budget")
     p.add_argument("dataset", type=Path, help="dataset description")
-    p.add_argument("--patch-sizes", type=_ints, nargs="+", help="candidates, e.g. 64,64,32 96,96,48 "
-                   "(default: 1/2 to 1 of the median case shape)")
+    p.add_argument("--patch-sizes", type=_ints, nargs="+", help="candidates, e.g. 64,64,32 96,96,48 (default: "
+                   "with --memory-budget every aspect that uses 85-100 %% of it, else 1/2 to 1 of the median "
+                   "case shape)")
     p.add_argument("--oversample", type=float, nargs="+", default=[0.0, 1.0 / 3.0],
                    help="foreground-oversampling ratios (default 0 and 1/3)")
     p.add_argument("--memory-budget", type=float, help="GiB for one training step of the reference U-Net")
@@ -231,7 +232,7 @@ def _run_imbalance(args) -> int:
     from fastseg._atomic import write_text
     from fastseg.data.dataset import DatasetSpec
     from fastseg.data.preprocess import resample
-    from fastseg.imbalance import analyze_imbalance, candidate_patch_sizes
+    from fastseg.imbalance import analyze_imbalance, budget_patch_sizes, candidate_patch_sizes, unet_memory_fn
 
     spec = DatasetSpec.load(args.dataset)
     labels, spacings = [], []
@@ -242,10 +243,16 @@ def _run_imbalance(args) -> int:
             array = resample(array, label.spacing, args.spacing, is_label=True)
         labels.append(array)
         spacings.append(args.spacing or label.spacing)
-    sizes = args.patch_sizes or candidate_patch_sizes([a.shape for a in labels])
+    spacing = np.median(spacings, 0).tolist()
+    shapes = [a.shape for a in labels]
+    if args.patch_sizes:
+        sizes = args.patch_sizes
+    elif args.memory_budget is not None:
+        sizes = budget_patch_sizes(shapes, unet_memory_fn(spacing, spec.num_classes), args.memory_budget)
+    else:
+        sizes = candidate_patch_sizes(shapes)
     report = analyze_imbalance(labels, sizes, oversample_foreground=args.oversample, num_classes=spec.num_classes,
-                               class_names=["background", *spec.organs], spacing=np.median(spacings, 0).tolist(),
-                               num_workers=args.workers)
+                               class_names=["background", *spec.organs], spacing=spacing, num_workers=args.workers)
     print(report.table())
     best = report.best(args.memory_budget, min_coverage=args.min_coverage)
     print(f"\nrecommended patch size: {list(best.patch_size)} (oversampling {best.oversample_foreground:.3g}, "

@@ -93,6 +93,8 @@ source class. Everything is exact. Patch sizes and classes are independent tasks
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 import json
 from pathlib import Path
 import math
@@ -108,7 +110,8 @@ from torch import nn
 from fastseg.ops.imbalance import patch_stats
 
 __all__ = ["analyze_imbalance", "ImbalanceReport", "Recommendation", "imbalance_score",
-           "estimate_training_memory"]
+           "estimate_training_memory", "unet_memory_fn", "candidate_patch_sizes", "budget_patch_sizes",
+           "recommend_patch_size"]
 
 _WHERE = "analyze_imbalance"
 
@@ -346,20 +349,8 @@ class ImbalanceReport:
     # ---------------------------------------------------------------------------------- recommendation
 
     def _default_memory_fn(self) -> Callable[[Tuple[int, ...]], int]:
-        try:
-            from fastseg.models import UNet
-        except ImportError as exc:  # pragma: no cover - the models package ships with fastseg
-            raise ValueError("ImbalanceReport.best: memory_fn: expected a callable patch_size -> bytes (the "
-                             f"reference UNet could not be imported: {exc})") from exc
-        spacing = self.spacing or (1.0,) * len(self.patch_sizes[0])
-        classes = len(self.class_names)
-
-        def memory(patch: Tuple[int, ...]) -> int:
-            net = UNet.from_patch_size(1, classes, patch, spacing)
-            # the network only accepts multiples of its divisor: that is the size it would train on
-            return estimate_training_memory(net, net.padded_patch_size(patch), batch_size=self.batch_size)
-
-        return memory
+        return unet_memory_fn(self.spacing or (1.0,) * len(self.patch_sizes[0]), len(self.class_names),
+                              batch_size=self.batch_size)
 
     def least_covered(self, i: int) -> Tuple[Optional[int], float]:
         """(class, coverage) of the organ that patch size ``i`` covers least; (None, nan) without organs."""
@@ -820,16 +811,38 @@ def analyze_imbalance(label_maps: Sequence[np.ndarray], patch_sizes: Sequence[Se
 
 
 # ------------------------------------------------------------------------------------------- trainer glue
+def unet_memory_fn(spacing: Sequence[float], num_classes: int, *, batch_size: int = 2, base_features: int = 32,
+                   max_features: int = 320) -> Callable[[Sequence[int]], int]:
+    """patch size -> :func:`estimate_training_memory` of the reference :class:`fastseg.models.UNet` planned for
+    it (one input channel), memoised: the estimate the trainer's ``patch_size: auto`` budgets with."""
+    from fastseg.models import UNet
+
+    spacing = tuple(float(s) for s in spacing)
+
+    @functools.lru_cache(maxsize=None)
+    def memory(patch: Tuple[int, ...]) -> int:
+        net = UNet.from_patch_size(1, num_classes, patch, spacing, base_features=base_features,
+                                   max_features=max_features)
+        # the network only accepts multiples of its divisor: that is the size it would train on
+        return estimate_training_memory(net, net.padded_patch_size(patch), batch_size=batch_size)
+
+    return lambda patch: memory(tuple(int(p) for p in patch))
+
+
+def _median_shape(shapes: Sequence[Sequence[int]]) -> np.ndarray:
+    return np.median(np.asarray([list(s) for s in shapes], dtype=np.float64), axis=0)
+
+
 def candidate_patch_sizes(shapes: Sequence[Sequence[int]], *, fractions=(0.5, 0.625, 0.75, 0.875, 1.0),
                           multiple: Sequence[int] = None) -> List[Tuple[int, ...]]:
-    """Patch sizes for ``--patch-size auto``: fractions of the median case shape, rounded to ``multiple``
-    (default 16 per axis, 8 along a short last axis).
+    """Patch sizes of the median case shape's aspect: fractions of it, rounded to ``multiple`` (default 16 per
+    axis, 8 along a short last axis). nnU-Net's rule takes the largest of these that fits the memory.
 
-    The imbalance score measures class balance, not anatomical context, and it is lowest for the smallest
-    patches when foreground is oversampled; so the candidates start at half the case extent, where the network
-    still sees each organ's surroundings. Pass explicit sizes to ``analyze_imbalance`` to search elsewhere.
+    At a fixed aspect the imbalance score is lowest for the smallest patch when foreground is oversampled (the
+    module doc), so a choice among these by score alone is a choice of the least context; hence the candidates
+    start at half the case extent. :func:`budget_patch_sizes` searches the aspect at a fixed cost instead.
     """
-    median = np.median(np.asarray([list(s) for s in shapes], dtype=np.float64), axis=0)
+    median = _median_shape(shapes)
     if multiple is None:
         multiple = [8 if n < 64 else 16 for n in median]
     out = []
@@ -840,21 +853,76 @@ def candidate_patch_sizes(shapes: Sequence[Sequence[int]], *, fractions=(0.5, 0.
     return out
 
 
+def budget_patch_sizes(shapes: Sequence[Sequence[int]], memory_fn: Callable[[Sequence[int]], int],
+                       memory_budget_gb: float, *, min_fill: float = 0.85, steps: int = 8,
+                       multiple: int = 8) -> List[Tuple[int, ...]]:
+    """Patch sizes of about the cost the budget allows, in every aspect: the candidates of ``patch_size: auto``.
+
+    Memory decides how many voxels a patch can have; how to shape them is the question the imbalance score
+    can answer (wide enough to hold both parotids, flat enough to leave voxels for that, ...), the way
+    Tappeiner et al. 2022 tuned nnU-Net's patch under its memory limit. The grid: per axis ``k / steps`` of
+    the median case extent for ``k = 2 .. steps`` (a quarter up to the whole; more would only pad), rounded to
+    ``multiple``. Kept: the shapes whose estimated memory lies between ``min_fill`` times the usable budget
+    (the budget, or the memory of the whole median shape where that is less) and the budget.
+
+    Args:
+        shapes: the (preprocessed) case shapes.
+        memory_fn: patch size -> estimated bytes of a training step (e.g. :func:`unet_memory_fn`).
+        memory_budget_gb: GiB (2**30 bytes).
+        min_fill: in (0, 1], the least share of the usable budget a candidate uses.
+        steps: grid resolution per axis.
+        multiple: every patch extent is a multiple of it.
+
+    Returns:
+        the candidates, smallest first.
+
+    Raises:
+        ValueError: bad arguments, or no shape of the grid fits the budget (the message gives the smallest
+            estimate).
+    """
+    where = "budget_patch_sizes"
+    if not callable(memory_fn):
+        _fail(where, "memory_fn", "a callable patch_size -> bytes", memory_fn)
+    if isinstance(memory_budget_gb, bool) or not isinstance(memory_budget_gb, numbers.Real) \
+            or not memory_budget_gb > 0 or not math.isfinite(memory_budget_gb):
+        _fail(where, "memory_budget_gb", "a positive number of GiB", memory_budget_gb)
+    if isinstance(min_fill, bool) or not isinstance(min_fill, numbers.Real) or not 0 < min_fill <= 1:
+        _fail(where, "min_fill", "a share in (0, 1]", min_fill)
+    for name, value, least in (("steps", steps, 4), ("multiple", multiple, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            _fail(where, name, f"an integer >= {least}", value)
+    median = _median_shape(shapes)
+    axes = [sorted({int(max(multiple, round(n * k / steps / multiple) * multiple)) for k in range(2, steps + 1)})
+            for n in median]
+    grid = sorted(itertools.product(*axes), key=lambda s: (int(np.prod(s)), s))
+    budget = memory_budget_gb * 2 ** 30
+    usable = min(budget, memory_fn(grid[-1]))
+    # Memory is nearly affine in the voxel count: a line through the grid's two ends picks the shapes worth
+    # an exact estimate (30 % slack for the network plans, which differ with the aspect).
+    lo, hi = memory_fn(grid[0]), memory_fn(grid[-1])
+    v0, v1 = np.prod(grid[0]), np.prod(grid[-1])
+    rate = (hi - lo) / max(v1 - v0, 1)
+    near = [s for s in grid if min_fill * usable / 1.3 <= lo + rate * (np.prod(s) - v0) <= 1.3 * budget]
+    kept = [s for s in near if min_fill * usable <= memory_fn(s) <= budget]
+    if not kept:
+        if lo > budget:
+            raise ValueError(f"{where}: memory_budget_gb: no patch size fits {memory_budget_gb} GiB; the smallest "
+                             f"estimate is {lo / 2 ** 30:.2f} GiB for {_format_size(grid[0])}")
+        kept = [max((s for s in grid if memory_fn(s) <= budget), key=memory_fn)]
+    return kept
+
+
 def recommend_patch_size(label_maps: Sequence[np.ndarray], *, spacing: Sequence[float], num_classes: int,
                          oversample_foreground: float, memory_budget_gb: float, batch_size: int = 2,
                          base_features: int = 32, max_features: int = 320,
-                         min_coverage: Optional[float] = None) -> List[int]:
-    """The trainer's ``patch_size: auto``: the lowest-score candidate (:func:`candidate_patch_sizes`) whose
-    estimated training memory with the configured reference U-Net fits ``memory_budget_gb`` and, with
-    ``min_coverage``, whose least covered organ reaches it (:meth:`ImbalanceReport.best`)."""
-    from fastseg.models import UNet
-
-    def memory(patch):
-        net = UNet.from_patch_size(1, num_classes, patch, spacing, base_features=base_features,
-                                   max_features=max_features)
-        return estimate_training_memory(net, net.padded_patch_size(patch), batch_size=batch_size)
-
-    report = analyze_imbalance(label_maps, candidate_patch_sizes([m.shape for m in label_maps]),
-                               oversample_foreground=(float(oversample_foreground),), num_classes=num_classes,
-                               spacing=spacing, batch_size=batch_size)
+                         min_coverage: Optional[float] = None, min_fill: float = 0.85) -> List[int]:
+    """The trainer's ``patch_size: auto``: of the :func:`budget_patch_sizes` (estimated training memory of the
+    configured reference U-Net between ``min_fill`` of the budget and the budget), the one with the lowest
+    imbalance score and, with ``min_coverage``, whose least covered organ reaches it
+    (:meth:`ImbalanceReport.best`)."""
+    memory = unet_memory_fn(spacing, num_classes, batch_size=batch_size, base_features=base_features,
+                            max_features=max_features)
+    sizes = budget_patch_sizes([m.shape for m in label_maps], memory, memory_budget_gb, min_fill=min_fill)
+    report = analyze_imbalance(label_maps, sizes, oversample_foreground=(float(oversample_foreground),),
+                               num_classes=num_classes, spacing=spacing, batch_size=batch_size)
     return list(report.best(memory_budget_gb, memory, min_coverage=min_coverage).patch_size)

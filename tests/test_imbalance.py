@@ -453,6 +453,67 @@ def test_best_defaults_to_the_reference_unet():
     assert "memory GiB" in report.table()
 
 
+def _aspect_memory(patch):
+    """A toy estimate that, like real network plans, is not affine in the voxel count (+-10 % with the aspect)."""
+    return int(1000 * math.prod(patch) * (1 + 0.1 * math.sin(patch[0] / 7 + patch[2] / 5)))
+
+
+def _grid(shapes, steps=8, multiple=8):
+    """budget_patch_sizes' grid, from its docstring: k / steps of the median extent, k = 2..steps, rounded."""
+    median = np.median(np.asarray(shapes, np.float64), axis=0)
+    return list(itertools.product(*[sorted({max(multiple, int(round(n * k / steps / multiple)) * multiple)
+                                            for k in range(2, steps + 1)}) for n in median]))
+
+
+@pytest.mark.parametrize("fill", [0.5, 0.85, 1.0])
+def test_budget_patch_sizes_are_the_grid_shapes_that_use_the_budget(fill):
+    shapes = [(120, 100, 60), (130, 96, 64), (126, 104, 56)]
+    grid = _grid(shapes)
+    budget = 0.3 * _aspect_memory(max(grid, key=math.prod))
+    got = imb.budget_patch_sizes(shapes, _aspect_memory, budget / 2 ** 30, min_fill=fill)
+    assert got == sorted(got, key=lambda s: (math.prod(s), s))
+    assert all(p % 8 == 0 for s in got for p in s)
+    band = {s for s in grid if fill * budget <= _aspect_memory(s) <= budget}
+    if fill < 1:
+        assert set(got) == band and len(band) > 1
+    else:  # nothing costs the budget exactly: the shape that comes closest
+        assert not band and got == [max((s for s in grid if _aspect_memory(s) <= budget), key=_aspect_memory)]
+    if fill == 0.5:  # many aspects of about the same cost, not one shape scaled
+        assert len({tuple(np.round(np.divide(s, s[0]), 3)) for s in got}) > 5
+
+
+def test_budget_patch_sizes_with_more_budget_than_the_case_needs():
+    shapes = [(64, 64, 32)]
+    whole = _aspect_memory((64, 64, 32))
+    got = imb.budget_patch_sizes(shapes, _aspect_memory, 100 * whole / 2 ** 30)
+    assert (64, 64, 32) in got and all(_aspect_memory(s) >= 0.85 * whole for s in got)
+
+
+def test_budget_patch_sizes_errors():
+    shapes = [(64, 64, 32)]
+    with pytest.raises(ValueError, match=r"budget_patch_sizes: memory_budget_gb: no patch size fits 1e-09 GiB; "
+                                         r"the smallest estimate is .* for 16x16x8"):
+        imb.budget_patch_sizes(shapes, _aspect_memory, 1e-9)
+    for kwargs, message in (({"min_fill": 0}, r"min_fill: expected a share in \(0, 1\]"),
+                            ({"min_fill": 1.5}, r"min_fill: expected a share in \(0, 1\]"),
+                            ({"steps": 2}, r"steps: expected an integer >= 4"),
+                            ({"multiple": 0}, r"multiple: expected an integer >= 1")):
+        with pytest.raises(ValueError, match="budget_patch_sizes: " + message):
+            imb.budget_patch_sizes(shapes, _aspect_memory, 1.0, **kwargs)
+    with pytest.raises(ValueError, match=r"memory_budget_gb: expected a positive number of GiB, got -1"):
+        imb.budget_patch_sizes(shapes, _aspect_memory, -1)
+    with pytest.raises(ValueError, match=r"memory_fn: expected a callable"):
+        imb.budget_patch_sizes(shapes, 3, 1.0)
+
+
+def test_unet_memory_fn_is_the_reference_estimate():
+    from fastseg.models import UNet
+
+    fn = imb.unet_memory_fn((1.0, 1.0, 2.0), 4, base_features=4, max_features=16)
+    net = UNet.from_patch_size(1, 4, (20, 16, 8), (1.0, 1.0, 2.0), base_features=4, max_features=16)
+    assert fn([20, 16, 8]) == estimate_training_memory(net, net.padded_patch_size((20, 16, 8)))
+
+
 # ------------------------------------------------------------------------------------------- memory
 
 

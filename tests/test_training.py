@@ -346,26 +346,34 @@ def test_confidence_command_on_predicted_probabilities(dataset, tmp_path, capsys
 
 
 def test_patch_size_auto_uses_the_imbalance_recommendation(dataset, tmp_path):
-    from fastseg.imbalance import analyze_imbalance, candidate_patch_sizes, recommend_patch_size
+    from fastseg.imbalance import analyze_imbalance, budget_patch_sizes, recommend_patch_size, unet_memory_fn
 
-    trainer = Trainer(_config(dataset, tmp_path, patch_size="auto", memory_budget_gb=4.0), progress=False)
+    probe = Trainer(_config(dataset, tmp_path / "probe"), progress=False)
+    probe.prepare_data()
+    labels = [c.label for c in probe.train_cases]
+    spacing = probe.plan["target_spacing"]
+    memory = unet_memory_fn(spacing, 3, base_features=4, max_features=16)
+    median = tuple(int(n) for n in np.median([lab.shape for lab in labels], 0))
+    budget = 0.4 * memory(median) / 2 ** 30  # less than half of what the whole case takes: a real choice
+
+    trainer = Trainer(_config(dataset, tmp_path / "auto", patch_size="auto", memory_budget_gb=budget), progress=False)
     trainer.prepare_data()
-    labels = [c.label for c in trainer.train_cases]
-    expected = recommend_patch_size(labels, spacing=trainer.plan["target_spacing"], num_classes=3,
-                                    oversample_foreground=1 / 3, memory_budget_gb=4.0, base_features=4,
-                                    max_features=16)
-    assert tuple(expected) in candidate_patch_sizes([lab.shape for lab in labels])
+    expected = recommend_patch_size(labels, spacing=spacing, num_classes=3, oversample_foreground=1 / 3,
+                                    memory_budget_gb=budget, base_features=4, max_features=16)
+    candidates = budget_patch_sizes([lab.shape for lab in labels], memory, budget)
+    report = analyze_imbalance(labels, candidates, num_classes=3, spacing=spacing)
+    assert len(candidates) > 1 and tuple(expected) == candidates[int(np.argmin(report.score[:, 1]))]
     # the plan holds it, rounded up to the network's divisor
     assert all(p >= e for p, e in zip(trainer.plan["patch_size"], expected))
-    # min_coverage reaches the recommendation: only the largest candidate shows every organ wholly here
-    report = analyze_imbalance(labels, candidate_patch_sizes([lab.shape for lab in labels]), num_classes=3)
-    whole = [p for p, cov in zip(report.patch_sizes, report.coverage) if np.nanmin(cov) == 1]
-    assert len(whole) == 1 and np.nanmin(report.coverage[0]) < 1
-    strict = Trainer(_config(dataset, tmp_path / "strict", patch_size="auto", memory_budget_gb=4.0,
-                             min_coverage=1.0), progress=False)
+    # min_coverage reaches the recommendation: demand the best coverage any candidate achieves
+    least = np.nanmin(report.coverage[:, 1:], axis=1)
+    covered = [i for i in range(len(candidates)) if least[i] >= least.max()]
+    assert least[candidates.index(tuple(expected))] < least.max()
+    strict = Trainer(_config(dataset, tmp_path / "strict", patch_size="auto", memory_budget_gb=budget,
+                             min_coverage=float(least.max())), progress=False)
     strict.prepare_data()
-    assert all(p >= w for p, w in zip(strict.plan["patch_size"], whole[0]))
-    assert tuple(expected) != whole[0]
+    best = candidates[min(covered, key=lambda i: report.score[i, 1])]
+    assert all(p >= b for p, b in zip(strict.plan["patch_size"], best)) and tuple(expected) != best
 
 
 def test_imbalance_command(dataset, tmp_path, capsys):
@@ -377,6 +385,11 @@ def test_imbalance_command(dataset, tmp_path, capsys):
     assert "recommended patch size" in out and "Cube" in out
     for name in ("imbalance.md", "imbalance.json", "imbalance.png"):
         assert (tmp_path / "imb" / name).is_file()
+    # with a budget and no sizes: every aspect that uses the budget (the reference U-Net's estimate)
+    assert main(["imbalance", str(dataset), "--memory-budget", "0.04", "--oversample", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "recommended patch size" in out and "GiB" in out
+    assert "| 16x24x16 |" in out and "| 24x16x16 |" in out and "| 24x24x16 |" not in out
     assert main(["imbalance", str(dataset), "--patch-sizes", "16,16,8", "--min-coverage", "2"]) == 2
     assert "min_coverage: expected a share" in capsys.readouterr().err
     assert main(["imbalance", str(dataset), "--patch-sizes", "0,16,8"]) == 2

@@ -33,8 +33,9 @@ class TrainConfig:
             of the training cases.
         window: CT window (HU) clipped before normalisation.
         patch_size: training patch (voxels, array order), or "auto" for the class-imbalance recommendation
-            (``fastseg imbalance``) under ``memory_budget_gb`` and, if set, ``min_coverage`` (the share of
-            itself every organ must show in a patch drawn for it; fastseg.imbalance's organ coverage).
+            (``fastseg imbalance``): the best-balanced shape of any aspect whose estimated training memory uses
+            85-100 % of ``memory_budget_gb`` (fastseg.imbalance.recommend_patch_size) and, if set, whose patches
+            show every organ at least ``min_coverage`` of itself (fastseg.imbalance's organ coverage).
         oversample_foreground: probability that a patch is centred on a voxel of a present organ (nnU-Net: 1/3).
         cache_dir: folder of preprocessed cases (fastseg.training.cache), filled on first use and read by later
             runs on the same files with the same spacing and window; None: every run reads and preprocesses.
