@@ -217,6 +217,8 @@ def _add_imbalance(sub) -> None:
     p.add_argument("--oversample", type=float, nargs="+", default=[0.0, 1.0 / 3.0],
                    help="foreground-oversampling ratios (default 0 and 1/3)")
     p.add_argument("--memory-budget", type=float, help="GiB for one training step of the reference U-Net")
+    p.add_argument("--min-fill", type=float, default=0.85, help="with --memory-budget and no --patch-sizes: "
+                   "the least share of the budget a candidate uses (default 0.85)")
     p.add_argument("--min-coverage", type=float, help="recommend only patch sizes in which a patch drawn for "
                    "each organ shows at least this share of it (0-1)")
     p.add_argument("--spacing", type=_floats, help="resample the label maps to this spacing (mm) first")
@@ -248,7 +250,8 @@ def _run_imbalance(args) -> int:
     if args.patch_sizes:
         sizes = args.patch_sizes
     elif args.memory_budget is not None:
-        sizes = budget_patch_sizes(shapes, unet_memory_fn(spacing, spec.num_classes), args.memory_budget)
+        sizes = budget_patch_sizes(shapes, unet_memory_fn(spacing, spec.num_classes), args.memory_budget,
+                                   min_fill=args.min_fill)
     else:
         sizes = candidate_patch_sizes(shapes)
     report = analyze_imbalance(labels, sizes, oversample_foreground=args.oversample, num_classes=spec.num_classes,

@@ -390,6 +390,10 @@ def test_imbalance_command(dataset, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "recommended patch size" in out and "GiB" in out
     assert "| 16x24x16 |" in out and "| 24x16x16 |" in out and "| 24x24x16 |" not in out
+    assert main(["imbalance", str(dataset), "--memory-budget", "0.04", "--min-fill", "0.5"]) == 0
+    assert "| 24x24x8 |" in capsys.readouterr().out
+    assert main(["imbalance", str(dataset), "--memory-budget", "0.04", "--min-fill", "0"]) == 2
+    assert "min_fill: expected a share in (0, 1]" in capsys.readouterr().err
     assert main(["imbalance", str(dataset), "--patch-sizes", "16,16,8", "--min-coverage", "2"]) == 2
     assert "min_coverage: expected a share" in capsys.readouterr().err
     assert main(["imbalance", str(dataset), "--patch-sizes", "0,16,8"]) == 2

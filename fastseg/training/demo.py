@@ -16,14 +16,16 @@ from fastseg.training.trainer import _resolve_device
 # The CPU run is short, so it is tuned for it (14 phantoms, seed 0, validation Dice after 750 iterations): lr
 # 1e-2 (lr 3e-3 had learned only the brain and the mandible by iteration 500); no augmentation (brain / mandible
 # / spinal cord 0.98 / 0.85 / 0.88 without it, 0.94 / 0.62 / 0.75 with it); foreground oversampling 0.67 rather
-# than nnU-Net's 1/3 (both lungs learned: 0.37 / 0.55 against 0.59 / 0 with 1/3); a 96x64x24 patch (192 mm
-# across, the head's width) rather than 64x64x32: with 128 mm the network could not tell left from right
-# (test Dice 0 for the left orbit, submandibular gland and parotids; the lungs' labels split 50/50 between
-# the two), with 192 mm 13 organs at 0.52-0.98 on the 4 test cases, both sides of each pair, for about 12 %
-# more voxels per patch (and a lower imbalance score, 4.80 against 4.92). num_workers=0: a worker process would take a core from the two
-# that the convolutions use.
-CPU_SETTINGS = dict(iterations=750, patch_size=[96, 64, 24], base_features=8, max_features=64, batch_size=2,
-                    val_every=150, checkpoint_every=150, num_workers=0, lr=1e-2, augment=False,
+# than nnU-Net's 1/3 (both lungs learned: 0.37 / 0.55 against 0.59 / 0 with 1/3); the patch: a 96x64x24 patch
+# (192 mm across, the head's width) rather than 64x64x32: with 128 mm the network could not tell left from
+# right (test Dice 0 for the left orbit, submandibular gland and parotids; the lungs' labels split 50/50
+# between the two), with 192 mm 13 organs at 0.52-0.98 on the 4 test cases, both sides of each pair. That
+# 96x64x24 is what patch_size "auto" recommends for these phantoms under the 0.19 GiB it needs (the
+# best-balanced of the shapes that use 85-100 % of 0.2 GiB, fastseg.imbalance.recommend_patch_size), so the
+# demo asks for it that way. num_workers=0: a worker process would take a core from the two that the
+# convolutions use.
+CPU_SETTINGS = dict(iterations=750, patch_size="auto", memory_budget_gb=0.2, base_features=8, max_features=64,
+                    batch_size=2, val_every=150, checkpoint_every=150, num_workers=0, lr=1e-2, augment=False,
                     oversample_foreground=0.67)
 CUDA_SETTINGS = dict(iterations=3000, patch_size=[96, 96, 48], base_features=32, max_features=320, batch_size=2,
                      val_every=500, checkpoint_every=500, num_workers=4, lr=3e-3)
@@ -56,9 +58,12 @@ def run_demo(output: Union[str, Path] = "runs/demo", *, iterations: Optional[int
 
     config = TrainConfig(dataset=str(description), output_dir=str(out / "model"), device=device,
                          absent_classes=absent_classes, seed=seed, val_cases=2, **settings)
-    print(f"[demo] training on {dev.type}: {settings['iterations']} iterations, patch {settings['patch_size']}, "
+    trainer = Trainer(config)
+    trainer.prepare_data()
+    print(f"[demo] training on {dev.type}: {settings['iterations']} iterations, patch {trainer.plan['patch_size']}"
+          f"{' (patch_size auto)' if settings['patch_size'] == 'auto' else ''}, "
           f"class adaptive Dice={absent_classes == 'ignore'}")
-    Trainer(config).fit()
+    trainer.fit()
 
     print("[demo] predicting the held-out test cases")
     # every one of the 21 organs is a single connected structure: islands elsewhere are false positives
