@@ -859,8 +859,9 @@ def budget_patch_sizes(shapes: Sequence[Sequence[int]], memory_fn: Callable[[Seq
     """Patch sizes of about the cost the budget allows, in every aspect: the candidates of ``patch_size: auto``.
 
     Memory decides how many voxels a patch can have; how to shape them is the question the imbalance score
-    can answer (wide enough to hold both parotids, flat enough to leave voxels for that, ...), the way
-    Tappeiner et al. 2022 tuned nnU-Net's patch under its memory limit. The grid: per axis ``k / steps`` of
+    can answer (wide enough to hold both parotids, flat enough to leave voxels for that, ...). Tappeiner et
+    al. 2022 choose nnU-Net's patch size by a class-imbalance measure; here the budget fixes the cost and the
+    score picks the shape. The grid: per axis ``k / steps`` of
     the median case extent for ``k = 2 .. steps`` (a quarter up to the whole; more would only pad), rounded to
     ``multiple``. Kept: the shapes whose estimated memory lies between ``min_fill`` times the usable budget
     (the budget, or the memory of the whole median shape where that is less) and the budget.
@@ -896,10 +897,10 @@ def budget_patch_sizes(shapes: Sequence[Sequence[int]], memory_fn: Callable[[Seq
             for n in median]
     grid = sorted(itertools.product(*axes), key=lambda s: (int(np.prod(s)), s))
     budget = memory_budget_gb * 2 ** 30
-    usable = min(budget, memory_fn(grid[-1]))
+    lo, hi = memory_fn(grid[0]), memory_fn(grid[-1])
+    usable = min(budget, hi)
     # Memory is nearly affine in the voxel count: a line through the grid's two ends picks the shapes worth
     # an exact estimate (30 % slack for the network plans, which differ with the aspect).
-    lo, hi = memory_fn(grid[0]), memory_fn(grid[-1])
     v0, v1 = np.prod(grid[0]), np.prod(grid[-1])
     rate = (hi - lo) / max(v1 - v0, 1)
     near = [s for s in grid if min_fill * usable / 1.3 <= lo + rate * (np.prod(s) - v0) <= 1.3 * budget]
