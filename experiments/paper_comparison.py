@@ -287,6 +287,7 @@ def plan_patches(info: Dict[str, Any], settings: Dict[str, Any], path: Path) -> 
         return _read_json(path)
     from fastseg.imbalance import (analyze_imbalance, budget_patch_sizes, candidate_patch_sizes,
                                    recommend_patch_size, unet_memory_fn)
+    from fastseg.models import trained_patch_size
     from fastseg.training import Trainer
 
     t0 = time.perf_counter()
@@ -300,7 +301,11 @@ def plan_patches(info: Dict[str, Any], settings: Dict[str, Any], path: Path) -> 
     gib = settings["memory_budget_gb"]
     memory = unet_memory_fn(spacing, num_classes, batch_size=cfg.batch_size, base_features=cfg.base_features,
                             max_features=cfg.max_features)
-    fits = [c for c in candidate_patch_sizes(shapes, fractions=SCALED_FRACTIONS) if memory(c) <= gib * 2 ** 30]
+    def trained(patch):  # what the network trains on (a multiple of its divisor), as the trainer plans it
+        return trained_patch_size(patch, spacing, base_features=cfg.base_features, max_features=cfg.max_features)
+
+    scaled = [trained(c) for c in candidate_patch_sizes(shapes, fractions=SCALED_FRACTIONS)]
+    fits = [c for c in scaled if memory(c) <= gib * 2 ** 30]
     if not fits:
         _fail("memory_budget_gb", "a budget that fits the median shape scaled to a quarter", gib)
     default = max(fits, key=lambda c: (int(np.prod(c)), c))
@@ -308,7 +313,7 @@ def plan_patches(info: Dict[str, Any], settings: Dict[str, Any], path: Path) -> 
         labels, spacing=spacing, num_classes=num_classes, oversample_foreground=cfg.oversample_foreground,
         memory_budget_gb=gib, batch_size=cfg.batch_size, base_features=cfg.base_features,
         max_features=cfg.max_features))
-    candidates = budget_patch_sizes(shapes, memory, gib)
+    candidates = list(dict.fromkeys(trained(c) for c in budget_patch_sizes(shapes, memory, gib)))
     if default not in candidates:
         candidates.append(default)
     report = analyze_imbalance(labels, candidates, oversample_foreground=(cfg.oversample_foreground,),

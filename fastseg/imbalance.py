@@ -814,17 +814,18 @@ def analyze_imbalance(label_maps: Sequence[np.ndarray], patch_sizes: Sequence[Se
 def unet_memory_fn(spacing: Sequence[float], num_classes: int, *, batch_size: int = 2, base_features: int = 32,
                    max_features: int = 320) -> Callable[[Sequence[int]], int]:
     """patch size -> :func:`estimate_training_memory` of the reference :class:`fastseg.models.UNet` planned for
-    it (one input channel), memoised: the estimate the trainer's ``patch_size: auto`` budgets with."""
-    from fastseg.models import UNet
+    it (one input channel) at the size it trains on (:func:`fastseg.models.trained_patch_size`), memoised: the
+    estimate the trainer's ``patch_size: auto`` budgets with."""
+    from fastseg.models import UNet, trained_patch_size
 
     spacing = tuple(float(s) for s in spacing)
 
     @functools.lru_cache(maxsize=None)
     def memory(patch: Tuple[int, ...]) -> int:
-        net = UNet.from_patch_size(1, num_classes, patch, spacing, base_features=base_features,
+        trained = trained_patch_size(patch, spacing, base_features=base_features, max_features=max_features)
+        net = UNet.from_patch_size(1, num_classes, trained, spacing, base_features=base_features,
                                    max_features=max_features)
-        # the network only accepts multiples of its divisor: that is the size it would train on
-        return estimate_training_memory(net, net.padded_patch_size(patch), batch_size=batch_size)
+        return estimate_training_memory(net, trained, batch_size=batch_size)
 
     return lambda patch: memory(tuple(int(p) for p in patch))
 
@@ -918,12 +919,16 @@ def recommend_patch_size(label_maps: Sequence[np.ndarray], *, spacing: Sequence[
                          base_features: int = 32, max_features: int = 320,
                          min_coverage: Optional[float] = None, min_fill: float = 0.85) -> List[int]:
     """The trainer's ``patch_size: auto``: of the :func:`budget_patch_sizes` (estimated training memory of the
-    configured reference U-Net between ``min_fill`` of the budget and the budget), the one with the lowest
-    imbalance score and, with ``min_coverage``, whose least covered organ reaches it
-    (:meth:`ImbalanceReport.best`)."""
+    configured reference U-Net between ``min_fill`` of the budget and the budget), each taken at the size the
+    network trains on (:func:`fastseg.models.trained_patch_size`), the one with the lowest imbalance score and,
+    with ``min_coverage``, whose least covered organ reaches it (:meth:`ImbalanceReport.best`)."""
+    from fastseg.models import trained_patch_size
+
     memory = unet_memory_fn(spacing, num_classes, batch_size=batch_size, base_features=base_features,
                             max_features=max_features)
     sizes = budget_patch_sizes([m.shape for m in label_maps], memory, memory_budget_gb, min_fill=min_fill)
+    sizes = list(dict.fromkeys(trained_patch_size(s, spacing, base_features=base_features,
+                                                  max_features=max_features) for s in sizes))
     report = analyze_imbalance(label_maps, sizes, oversample_foreground=(float(oversample_foreground),),
                                num_classes=num_classes, spacing=spacing, batch_size=batch_size)
     return list(report.best(memory_budget_gb, memory, min_coverage=min_coverage).patch_size)

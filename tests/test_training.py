@@ -360,11 +360,14 @@ def test_patch_size_auto_uses_the_imbalance_recommendation(dataset, tmp_path):
     trainer.prepare_data()
     expected = recommend_patch_size(labels, spacing=spacing, num_classes=3, oversample_foreground=1 / 3,
                                     memory_budget_gb=budget, base_features=4, max_features=16)
-    candidates = budget_patch_sizes([lab.shape for lab in labels], memory, budget)
+    from fastseg.models import trained_patch_size
+
+    candidates = list(dict.fromkeys(trained_patch_size(c, spacing, base_features=4, max_features=16)
+                                    for c in budget_patch_sizes([lab.shape for lab in labels], memory, budget)))
     report = analyze_imbalance(labels, candidates, num_classes=3, spacing=spacing)
     assert len(candidates) > 1 and tuple(expected) == candidates[int(np.argmin(report.score[:, 1]))]
-    # the plan holds it, rounded up to the network's divisor
-    assert all(p >= e for p, e in zip(trainer.plan["patch_size"], expected))
+    # the plan trains on exactly the recommended size (already a multiple of the network's divisor)
+    assert tuple(trainer.plan["patch_size"]) == tuple(expected)
     # min_coverage reaches the recommendation: demand the best coverage any candidate achieves
     least = np.nanmin(report.coverage[:, 1:], axis=1)
     covered = [i for i in range(len(candidates)) if least[i] >= least.max()]
@@ -373,7 +376,7 @@ def test_patch_size_auto_uses_the_imbalance_recommendation(dataset, tmp_path):
                              min_coverage=float(least.max())), progress=False)
     strict.prepare_data()
     best = candidates[min(covered, key=lambda i: report.score[i, 1])]
-    assert all(p >= b for p, b in zip(strict.plan["patch_size"], best)) and tuple(expected) != best
+    assert tuple(strict.plan["patch_size"]) == best and tuple(expected) != best
 
 
 def test_imbalance_command(dataset, tmp_path, capsys):

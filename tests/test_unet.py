@@ -227,3 +227,17 @@ def test_training_steps_reduce_dice_ce_with_deep_supervision():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("patch, spacing", [((88, 64, 24), (2.0, 2.0, 3.0)), ((40, 48, 72), (2.0, 2.0, 3.0)),
+                                            ((96, 64, 24), (2.0, 2.0, 3.0)), ((30, 50), (1.0, 1.0))])
+def test_trained_patch_size_is_the_planned_networks_fixed_point(patch, spacing):
+    from fastseg.models import trained_patch_size
+
+    trained = trained_patch_size(patch, spacing, base_features=8, max_features=64)
+    net = UNet.from_patch_size(1, 3, trained, spacing, base_features=8, max_features=64)
+    assert net.padded_patch_size(trained) == trained
+    assert all(t >= p for t, p in zip(trained, patch))
+    assert all(t % d == 0 for t, d in zip(trained, net.patch_divisor))
+    if patch == (88, 64, 24):  # the case the comparison's plan met: 88 is not a multiple of the divisor
+        assert trained == (96, 64, 24)

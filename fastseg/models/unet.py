@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ["UNet", "plan_topology"]
+__all__ = ["UNet", "plan_topology", "trained_patch_size"]
 
 IntOrSeq = Union[int, Sequence[int]]
 
@@ -364,3 +364,17 @@ class UNet(nn.Module):
                 f"spatial_dims={self.spatial_dims}, features={self.features}, strides={self.strides}, "
                 f"kernel_sizes={self.kernel_sizes}, conv_per_stage={self.conv_per_stage}, "
                 f"deep_supervision={self.deep_supervision}, norm={self.norm!r}")
+
+
+def trained_patch_size(patch_size: Sequence[int], spacing: Sequence[float], *, base_features: int = 32,
+                       max_features: int = 320) -> Tuple[int, ...]:
+    """The patch a :meth:`UNet.from_patch_size` network trains on: ``patch_size`` rounded up to the planned
+    network's :attr:`UNet.patch_divisor`, re-planned until stable (a larger patch may allow another stage)."""
+    patch = tuple(int(p) for p in patch_size)
+    for _ in range(4):
+        padded = UNet.from_patch_size(1, 2, patch, spacing, base_features=base_features,
+                                      max_features=max_features).padded_patch_size(patch)
+        if padded == patch:
+            break
+        patch = padded
+    return patch

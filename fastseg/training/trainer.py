@@ -191,16 +191,10 @@ class Trainer:
         if len(patch) != len(spacing):
             raise ValueError(f"TrainConfig: patch_size: expected {len(spacing)} values (the data is "
                              f"{len(spacing)}D), got {patch}")
-        from fastseg.models import UNet
+        from fastseg.models import trained_patch_size
 
         # the planned network downsamples each axis by a fixed factor: round the patch up to a multiple of it
-        # (re-planned until stable, since a larger patch may allow another stage)
-        for _ in range(4):
-            padded = UNet.from_patch_size(1, 2, patch, spacing, base_features=cfg.base_features,
-                                          max_features=cfg.max_features).padded_patch_size(patch)
-            if list(padded) == list(patch):
-                break
-            patch = padded
+        patch = trained_patch_size(patch, spacing, base_features=cfg.base_features, max_features=cfg.max_features)
         return {
             "organs": organs,
             "label_values": {k: int(v) for k, v in label_values.items()},
