@@ -862,9 +862,8 @@ def budget_patch_sizes(shapes: Sequence[Sequence[int]], memory_fn: Callable[[Seq
     Memory decides how many voxels a patch can have; how to shape them is the question the imbalance score
     can answer (wide enough to hold both parotids, flat enough to leave voxels for that, ...). Tappeiner et
     al. 2022 choose nnU-Net's patch size by a class-imbalance measure; here the budget fixes the cost and the
-    score picks the shape. The grid: per axis ``k / steps`` of
-    the median case extent for ``k = 2 .. steps`` (a quarter up to the whole; more would only pad), rounded to
-    ``multiple``. Kept: the shapes whose estimated memory lies between ``min_fill`` times the usable budget
+    score picks the shape. The grid: per axis ``k / steps`` of the median case extent for ``k = 2 .. steps`` (a
+    quarter up to the whole; more would only pad), rounded to ``multiple``. Kept: the shapes whose estimated memory lies between ``min_fill`` times the usable budget
     (the budget, or the memory of the whole median shape where that is less) and the budget.
 
     Args:
