@@ -285,8 +285,7 @@ def plan_patches(info: Dict[str, Any], settings: Dict[str, Any], path: Path) -> 
     the shapes that use the same budget. Both from the preprocessed training label maps the trainer prepares."""
     if path.is_file():
         return _read_json(path)
-    from fastseg.imbalance import (analyze_imbalance, budget_patch_sizes, candidate_patch_sizes,
-                                   recommend_patch_size, unet_memory_fn)
+    from fastseg.imbalance import analyze_imbalance, auto_patch_sizes, candidate_patch_sizes, unet_memory_fn
     from fastseg.models import trained_patch_size
     from fastseg.training import Trainer
 
@@ -301,24 +300,24 @@ def plan_patches(info: Dict[str, Any], settings: Dict[str, Any], path: Path) -> 
     gib = settings["memory_budget_gb"]
     memory = unet_memory_fn(spacing, num_classes, batch_size=cfg.batch_size, base_features=cfg.base_features,
                             max_features=cfg.max_features)
-    def trained(patch):  # what the network trains on (a multiple of its divisor), as the trainer plans it
-        return trained_patch_size(patch, spacing, base_features=cfg.base_features, max_features=cfg.max_features)
-
-    scaled = [trained(c) for c in candidate_patch_sizes(shapes, fractions=SCALED_FRACTIONS)]
+    scaled = [trained_patch_size(c, spacing, base_features=cfg.base_features, max_features=cfg.max_features)
+              for c in candidate_patch_sizes(shapes, fractions=SCALED_FRACTIONS)]
     fits = [c for c in scaled if memory(c) <= gib * 2 ** 30]
     if not fits:
         _fail("memory_budget_gb", "a budget that fits the median shape scaled to a quarter", gib)
     default = max(fits, key=lambda c: (int(np.prod(c)), c))
-    optimised = tuple(recommend_patch_size(
-        labels, spacing=spacing, num_classes=num_classes, oversample_foreground=cfg.oversample_foreground,
-        memory_budget_gb=gib, batch_size=cfg.batch_size, base_features=cfg.base_features,
-        max_features=cfg.max_features))
-    candidates = list(dict.fromkeys(trained(c) for c in budget_patch_sizes(shapes, memory, gib)))
+    candidates = auto_patch_sizes(shapes, spacing=spacing, num_classes=num_classes, memory_budget_gb=gib,
+                                  batch_size=cfg.batch_size, base_features=cfg.base_features,
+                                  max_features=cfg.max_features, memory_fn=memory)
+    n_auto = len(candidates)
     if default not in candidates:
         candidates.append(default)
     report = analyze_imbalance(labels, candidates, oversample_foreground=(cfg.oversample_foreground,),
                                num_classes=num_classes, class_names=["background", *info["organs"]],
                                spacing=spacing, batch_size=cfg.batch_size)
+    # recommend_patch_size's choice (ImbalanceReport.best: lowest score, first on a tie; every auto candidate
+    # fits the budget), read off this report so the table shows what it chose among.
+    optimised = candidates[min(range(n_auto), key=lambda i: (report.score[i, 0], i))]
     rows = []
     for i, c in enumerate(candidates):
         presence = report.presence[i, 0]
@@ -570,9 +569,10 @@ def _patch_section(r: Results, d: str) -> str:
                      f"{least} {100 * c['presence'][least]:.1f} %" if least else "–",
                      f"{covered} {100 * coverage[covered]:.0f} %" if covered else "–",
                      f"{partner} for {organ} {100 * seen:.0f} %" if organ else "–", ", ".join(role) or ""])
-    return (f"Candidates: fastseg.imbalance.budget_patch_sizes of the median preprocessed training shape "
+    return (f"Candidates: fastseg.imbalance.auto_patch_sizes of the median preprocessed training shape "
             f"{_size(np.round(plan['median_shape']))} (every aspect on a grid of eighths of it whose training "
-            f"memory uses 85–100 % of the budget, {plan['memory_budget_gb']:g} GiB), plus the default; memory: "
+            f"memory uses 85–100 % of the budget, {plan['memory_budget_gb']:g} GiB, at the size the U-Net trains "
+            "on), plus the default; memory: "
             f"estimate_training_memory of the planned U-Net, batch {r.settings['batch_size']}; score: "
             f"analyze_imbalance at foreground oversampling {plan['oversample_foreground']:.3g}, lower is more "
             "balanced; partner in view: the least probability over the left / right pairs that a patch drawn for "

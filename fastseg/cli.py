@@ -212,8 +212,8 @@ def _add_imbalance(sub) -> None:
                                          "candidate patch sizes; recommends one under a memory budget")
     p.add_argument("dataset", type=Path, help="dataset description")
     p.add_argument("--patch-sizes", type=_ints, nargs="+", help="candidates, e.g. 64,64,32 96,96,48 (default: "
-                   "with --memory-budget every aspect that uses 85-100 %% of it, else 1/2 to 1 of the median "
-                   "case shape)")
+                   "with --memory-budget every aspect that uses 85-100 %% of it, at the size the reference U-Net "
+                   "trains on; else 1/2 to 1 of the median case shape)")
     p.add_argument("--oversample", type=float, nargs="+", default=[0.0, 1.0 / 3.0],
                    help="foreground-oversampling ratios (default 0 and 1/3)")
     p.add_argument("--memory-budget", type=float, help="GiB for one training step of the reference U-Net")
@@ -234,7 +234,7 @@ def _run_imbalance(args) -> int:
     from fastseg._atomic import write_text
     from fastseg.data.dataset import DatasetSpec
     from fastseg.data.preprocess import resample
-    from fastseg.imbalance import analyze_imbalance, budget_patch_sizes, candidate_patch_sizes, unet_memory_fn
+    from fastseg.imbalance import analyze_imbalance, auto_patch_sizes, candidate_patch_sizes
 
     spec = DatasetSpec.load(args.dataset)
     labels, spacings = [], []
@@ -250,8 +250,8 @@ def _run_imbalance(args) -> int:
     if args.patch_sizes:
         sizes = args.patch_sizes
     elif args.memory_budget is not None:
-        sizes = budget_patch_sizes(shapes, unet_memory_fn(spacing, spec.num_classes), args.memory_budget,
-                                   min_fill=args.min_fill)
+        sizes = auto_patch_sizes(shapes, spacing=spacing, num_classes=spec.num_classes,
+                                 memory_budget_gb=args.memory_budget, min_fill=args.min_fill)
     else:
         sizes = candidate_patch_sizes(shapes)
     report = analyze_imbalance(labels, sizes, oversample_foreground=args.oversample, num_classes=spec.num_classes,

@@ -111,7 +111,7 @@ from fastseg.ops.imbalance import patch_stats
 
 __all__ = ["analyze_imbalance", "ImbalanceReport", "Recommendation", "imbalance_score",
            "estimate_training_memory", "unet_memory_fn", "candidate_patch_sizes", "budget_patch_sizes",
-           "recommend_patch_size"]
+           "auto_patch_sizes", "recommend_patch_size"]
 
 _WHERE = "analyze_imbalance"
 
@@ -913,21 +913,38 @@ def budget_patch_sizes(shapes: Sequence[Sequence[int]], memory_fn: Callable[[Seq
     return kept
 
 
+def auto_patch_sizes(shapes: Sequence[Sequence[int]], *, spacing: Sequence[float], num_classes: int,
+                     memory_budget_gb: float, batch_size: int = 2, base_features: int = 32,
+                     max_features: int = 320, min_fill: float = 0.85,
+                     memory_fn: Optional[Callable[[Sequence[int]], int]] = None) -> List[Tuple[int, ...]]:
+    """The candidates of ``patch_size: auto``: the :func:`budget_patch_sizes` of the configured reference
+    U-Net, each taken at the size the network trains on (:func:`fastseg.models.trained_patch_size`, so two
+    grid shapes that train alike are scored once). ``memory_fn`` (default: :func:`unet_memory_fn` of the same
+    configuration) lets a caller share its memoised estimates."""
+    from fastseg.models import trained_patch_size
+
+    if memory_fn is None:
+        memory_fn = unet_memory_fn(spacing, num_classes, batch_size=batch_size, base_features=base_features,
+                                   max_features=max_features)
+    sizes = budget_patch_sizes(shapes, memory_fn, memory_budget_gb, min_fill=min_fill)
+    return list(dict.fromkeys(trained_patch_size(s, spacing, base_features=base_features,
+                                                 max_features=max_features) for s in sizes))
+
+
 def recommend_patch_size(label_maps: Sequence[np.ndarray], *, spacing: Sequence[float], num_classes: int,
                          oversample_foreground: float, memory_budget_gb: float, batch_size: int = 2,
                          base_features: int = 32, max_features: int = 320,
                          min_coverage: Optional[float] = None, min_fill: float = 0.85) -> List[int]:
-    """The trainer's ``patch_size: auto``: of the :func:`budget_patch_sizes` (estimated training memory of the
-    configured reference U-Net between ``min_fill`` of the budget and the budget), each taken at the size the
-    network trains on (:func:`fastseg.models.trained_patch_size`), the one with the lowest imbalance score and,
-    with ``min_coverage``, whose least covered organ reaches it (:meth:`ImbalanceReport.best`)."""
-    from fastseg.models import trained_patch_size
-
+    """The trainer's ``patch_size: auto``: of the :func:`auto_patch_sizes` (estimated training memory of the
+    configured reference U-Net between ``min_fill`` of the budget and the budget, at the sizes the network
+    trains on), the one with the lowest imbalance score and, with ``min_coverage``, whose least covered organ
+    reaches it (:meth:`ImbalanceReport.best`)."""
     memory = unet_memory_fn(spacing, num_classes, batch_size=batch_size, base_features=base_features,
                             max_features=max_features)
-    sizes = budget_patch_sizes([m.shape for m in label_maps], memory, memory_budget_gb, min_fill=min_fill)
-    sizes = list(dict.fromkeys(trained_patch_size(s, spacing, base_features=base_features,
-                                                  max_features=max_features) for s in sizes))
+    sizes = auto_patch_sizes([m.shape for m in label_maps], spacing=spacing, num_classes=num_classes,
+                             memory_budget_gb=memory_budget_gb, batch_size=batch_size,
+                             base_features=base_features, max_features=max_features, min_fill=min_fill,
+                             memory_fn=memory)
     report = analyze_imbalance(label_maps, sizes, oversample_foreground=(float(oversample_foreground),),
                                num_classes=num_classes, spacing=spacing, batch_size=batch_size)
     return list(report.best(memory_budget_gb, memory, min_coverage=min_coverage).patch_size)

@@ -514,6 +514,24 @@ def test_unet_memory_fn_is_the_reference_estimate():
     assert fn([20, 16, 8]) == estimate_training_memory(net, net.padded_patch_size((20, 16, 8)))
 
 
+def test_auto_patch_sizes_are_the_budget_shapes_at_the_size_the_network_trains_on():
+    from fastseg.models import trained_patch_size
+
+    spacing, shapes, net = (1.0, 1.0, 2.0), [(100, 90, 44), (110, 84, 40)], {"base_features": 4, "max_features": 16}
+    memory = imb.unet_memory_fn(spacing, 4, **net)
+    budget = 0.3 * memory((104, 88, 40))
+    calls = []
+    got = imb.auto_patch_sizes(shapes, spacing=spacing, num_classes=4, memory_budget_gb=budget / 2 ** 30,
+                               memory_fn=lambda p: calls.append(p) or memory(p), **net)
+    raw = imb.budget_patch_sizes(shapes, memory, budget / 2 ** 30)
+    trained = [trained_patch_size(s, spacing, **net) for s in raw]
+    assert calls and trained != raw  # the given estimate is used; some grid shapes train larger
+    assert got == list(dict.fromkeys(trained)) and len(set(got)) == len(got)
+    assert all(trained_patch_size(s, spacing, **net) == s and memory(s) <= budget for s in got)
+    assert got == imb.auto_patch_sizes(shapes, spacing=spacing, num_classes=4, memory_budget_gb=budget / 2 ** 30,
+                                       **net)
+
+
 # ------------------------------------------------------------------------------------------- memory
 
 

@@ -346,7 +346,7 @@ def test_confidence_command_on_predicted_probabilities(dataset, tmp_path, capsys
 
 
 def test_patch_size_auto_uses_the_imbalance_recommendation(dataset, tmp_path):
-    from fastseg.imbalance import analyze_imbalance, budget_patch_sizes, recommend_patch_size, unet_memory_fn
+    from fastseg.imbalance import analyze_imbalance, auto_patch_sizes, recommend_patch_size, unet_memory_fn
 
     probe = Trainer(_config(dataset, tmp_path / "probe"), progress=False)
     probe.prepare_data()
@@ -360,10 +360,8 @@ def test_patch_size_auto_uses_the_imbalance_recommendation(dataset, tmp_path):
     trainer.prepare_data()
     expected = recommend_patch_size(labels, spacing=spacing, num_classes=3, oversample_foreground=1 / 3,
                                     memory_budget_gb=budget, base_features=4, max_features=16)
-    from fastseg.models import trained_patch_size
-
-    candidates = list(dict.fromkeys(trained_patch_size(c, spacing, base_features=4, max_features=16)
-                                    for c in budget_patch_sizes([lab.shape for lab in labels], memory, budget)))
+    candidates = auto_patch_sizes([lab.shape for lab in labels], spacing=spacing, num_classes=3,
+                                  memory_budget_gb=budget, base_features=4, max_features=16)
     report = analyze_imbalance(labels, candidates, num_classes=3, spacing=spacing)
     assert len(candidates) > 1 and tuple(expected) == candidates[int(np.argmin(report.score[:, 1]))]
     # the plan trains on exactly the recommended size (already a multiple of the network's divisor)
@@ -401,3 +399,42 @@ def test_imbalance_command(dataset, tmp_path, capsys):
     assert "min_coverage: expected a share" in capsys.readouterr().err
     assert main(["imbalance", str(dataset), "--patch-sizes", "0,16,8"]) == 2
     assert "patch" in capsys.readouterr().err
+
+
+def test_paper_comparison_plan_optimises_as_patch_size_auto(dataset, tmp_path):
+    """experiments/paper_comparison.py reads its optimised patch off its own candidate table; it must be the
+    patch the trainer's ``patch_size: auto`` trains with, and its default nnU-Net's rule under the same budget."""
+    import importlib.util
+
+    from fastseg.imbalance import recommend_patch_size, unet_memory_fn
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "paper_comparison.py"
+    spec = importlib.util.spec_from_file_location("paper_comparison", path)
+    pc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pc)
+    spacing = [2.0, 2.0, 3.0]
+    memory = unet_memory_fn(spacing, 3, base_features=4, max_features=16)
+    budget = 0.4 * memory(SHAPE) / 2 ** 30
+    settings = {**pc.PROFILES["smoke"], "base_features": 4, "max_features": 16, "memory_budget_gb": budget,
+                "num_workers": 0, "device": "cpu", "spacing": spacing}
+    info = {"dataset": "synthetic", "description": str(dataset), "spacing": spacing, "organs": ORGANS}
+    plan = pc.plan_patches(info, settings, tmp_path / "patches.json")
+    assert pc.plan_patches(info, settings, tmp_path / "patches.json") == plan  # stored, read back
+
+    trainer = Trainer(pc.base_config(info, settings, output_dir=str(tmp_path / "probe")), progress=False)
+    trainer.prepare_data()
+    labels = [c.label for c in trainer.train_cases]
+    assert plan["optimised"] == recommend_patch_size(
+        labels, spacing=spacing, num_classes=3, oversample_foreground=settings["oversample_foreground"],
+        memory_budget_gb=budget, batch_size=settings["batch_size"], base_features=4, max_features=16)
+    rows = {tuple(r["patch"]): r for r in plan["candidates"]}
+    assert len(rows) > 2 and all(r["memory_gib"] <= budget for r in rows.values())
+    # default, nnU-Net's rule: the largest of the median shape scaled (at the trained sizes) that fits
+    from fastseg.imbalance import candidate_patch_sizes
+    from fastseg.models import trained_patch_size
+
+    scaled = [trained_patch_size(c, spacing, base_features=4, max_features=16)
+              for c in candidate_patch_sizes([lab.shape for lab in labels], fractions=pc.SCALED_FRACTIONS)]
+    default = tuple(plan["default"])
+    assert default in scaled and default in rows and memory(default) <= budget * 2 ** 30
+    assert all(memory(s) > budget * 2 ** 30 for s in scaled if np.prod(s) > np.prod(default))
