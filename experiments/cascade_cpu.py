@@ -48,17 +48,20 @@ SMALL_ORGANS = ["Cochlea-Lt", "Cochlea-Rt", "Lacrimal-Lt", "Lacrimal-Rt", "Lens-
                 "Optic-Nerve-Lt", "Optic-Nerve-Rt", "Orbit-Lt", "Orbit-Rt"]
 
 
-def _config(description: Path, folder: Path, arm: str, seed: int, iterations: int, small: Sequence[str]):
+def _config(description: Path, folder: Path, arm: str, seed: int, iterations: int, small: Sequence[str],
+            single_patch: Optional[List[int]] = None):
     from fastseg.training import TrainConfig
     from fastseg.training.demo import CPU_SETTINGS
 
     settings = {**CPU_SETTINGS, "iterations": iterations if arm == "cascade" else 2 * iterations,
                 "val_every": 0, "checkpoint_every": 150}
-    extra = {"cascade": True, "cascade_small_organs": None if list(small) == ["auto"] else list(small)} \
-        if arm == "cascade" else {}
+    if arm == "cascade":
+        extra = {"cascade": True, "cascade_small_organs": None if list(small) == ["auto"] else list(small)}
+    else:
+        extra = {"patch_size": single_patch} if single_patch else {}
     return TrainConfig(dataset=str(description), output_dir=str(folder / "model"), device="cpu",
                        absent_classes="ignore", seed=seed, val_cases=0, deterministic=True,
-                       target_spacing=SPACING, **settings, **extra)
+                       target_spacing=SPACING, **{**settings, **extra})
 
 
 def _patches(checkpoint: Path) -> Dict[str, List[int]]:
@@ -71,14 +74,14 @@ def _patches(checkpoint: Path) -> Dict[str, List[int]]:
 
 
 def run_arm(description: Path, folder: Path, arm: str, seed: int, iterations: int,
-            small: Sequence[str]) -> Dict[str, Any]:
+            small: Sequence[str], single_patch: Optional[List[int]] = None) -> Dict[str, Any]:
     from fastseg.cli import dataset_images
     from fastseg.evaluation import evaluate_folders
     from fastseg.training import Trainer
     from fastseg.training.cascade import CascadeTrainer, load_predictor
 
     t0 = time.perf_counter()
-    config = _config(description, folder, arm, seed, iterations, small)
+    config = _config(description, folder, arm, seed, iterations, small, single_patch)
     fit = (CascadeTrainer(config) if arm == "cascade" else Trainer(config)).fit()
     t1 = time.perf_counter()
     predictor = load_predictor(fit["checkpoint"], device="cpu", keep_largest_component=True)
@@ -181,6 +184,8 @@ def main(argv=None) -> None:
     parser.add_argument("--small-organs", nargs="+", default=SMALL_ORGANS,
                         help="stage two's organs; 'auto': those below cascade_max_volume_ml (10 ml)")
     parser.add_argument("--iterations", type=int, default=750, help="per cascade stage (single: twice it)")
+    parser.add_argument("--single-patch", type=int, nargs=3, help="the single arm's patch (default: auto; the "
+                        "real scans at 1x1x2.5 mm need more than 0.2 GiB for any auto candidate)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--report", type=Path, help="write the report (markdown) here after the runs")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report")
@@ -206,7 +211,8 @@ def main(argv=None) -> None:
                 if (folder / "result.json").is_file():
                     continue
                 print(f"[arm] {arm}, seed {seed}", flush=True)
-                result = run_arm(description, folder, arm, seed, args.iterations, args.small_organs)
+                result = run_arm(description, folder, arm, seed, args.iterations, args.small_organs,
+                                 args.single_patch)
                 dice = {o: v["dice"] for o, v in result["organs"].items() if o in result["small_organs"]}
                 print(f"[arm]   {result['seconds']['train']:.0f} s training; stage-two organs' Dice {dice}",
                       flush=True)

@@ -863,8 +863,10 @@ def budget_patch_sizes(shapes: Sequence[Sequence[int]], memory_fn: Callable[[Seq
     can answer (wide enough to hold both parotids, flat enough to leave voxels for that, ...). Tappeiner et
     al. 2022 choose nnU-Net's patch size by a class-imbalance measure; here the budget fixes the cost and the
     score picks the shape. The grid: per axis ``k / steps`` of the median case extent for ``k = 2 .. steps`` (a
-    quarter up to the whole; more would only pad), rounded to ``multiple``. Kept: the shapes whose estimated memory lies between ``min_fill`` times the usable budget
-    (the budget, or the memory of the whole median shape where that is less) and the budget.
+    quarter up to the whole; more would only pad), rounded to ``multiple``; where even its smallest shape does
+    not fit the budget, the grid of the halved extent (repeatedly, down to ``multiple`` per axis). Kept: the
+    shapes whose estimated memory lies between ``min_fill`` times the usable budget (the budget, or the memory
+    of the whole median shape where that is less) and the budget.
 
     Args:
         shapes: the (preprocessed) case shapes.
@@ -892,12 +894,19 @@ def budget_patch_sizes(shapes: Sequence[Sequence[int]], memory_fn: Callable[[Seq
     for name, value, least in (("steps", steps, 4), ("multiple", multiple, 1)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
             _fail(where, name, f"an integer >= {least}", value)
-    median = _median_shape(shapes)
-    axes = [sorted({int(max(multiple, round(n * k / steps / multiple) * multiple)) for k in range(2, steps + 1)})
-            for n in median]
-    grid = sorted(itertools.product(*axes), key=lambda s: (int(np.prod(s)), s))
+    extent = _median_shape(shapes)
     budget = memory_budget_gb * 2 ** 30
-    lo, hi = memory_fn(grid[0]), memory_fn(grid[-1])
+    while True:
+        axes = [sorted({int(max(multiple, round(n * k / steps / multiple) * multiple))
+                        for k in range(2, steps + 1)}) for n in extent]
+        grid = sorted(itertools.product(*axes), key=lambda s: (int(np.prod(s)), s))
+        lo = memory_fn(grid[0])
+        # Large cases under a small budget: even a quarter of the median does not fit; the grid of the
+        # halved extent still offers every aspect (rather than an error the user can only fix with memory)
+        if lo <= budget or all(p == multiple for p in grid[0]):
+            break
+        extent = extent / 2
+    hi = memory_fn(grid[-1])
     usable = min(budget, hi)
     # Memory is nearly affine in the voxel count: a line through the grid's two ends picks the shapes worth
     # an exact estimate (30 % slack for the network plans, which differ with the aspect).

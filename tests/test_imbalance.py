@@ -489,10 +489,20 @@ def test_budget_patch_sizes_with_more_budget_than_the_case_needs():
     assert (64, 64, 32) in got and all(_aspect_memory(s) >= 0.85 * whole for s in got)
 
 
+def test_budget_patch_sizes_of_large_cases_under_a_small_budget():
+    """Where a quarter of the median case does not fit, the grid of the halved extent (once more, if need be)."""
+    shapes = [(256, 224, 128)]
+    quarter = _grid(shapes)[0]
+    budget = 0.3 * _aspect_memory(quarter)
+    got = imb.budget_patch_sizes(shapes, _aspect_memory, budget / 2 ** 30)
+    halved = [s for s in _grid([(128, 112, 64)]) if 0.85 * budget <= _aspect_memory(s) <= budget]
+    assert got and set(got) == set(halved) and all(math.prod(s) < math.prod(quarter) for s in got)
+
+
 def test_budget_patch_sizes_errors():
     shapes = [(64, 64, 32)]
     with pytest.raises(ValueError, match=r"budget_patch_sizes: memory_budget_gb: no patch size fits 1e-09 GiB; "
-                                         r"the smallest estimate is .* for 16x16x8"):
+                                         r"the smallest estimate is .* for 8x8x8"):
         imb.budget_patch_sizes(shapes, _aspect_memory, 1e-9)
     for kwargs, message in (({"min_fill": 0}, r"min_fill: expected a share in \(0, 1\]"),
                             ({"min_fill": 1.5}, r"min_fill: expected a share in \(0, 1\]"),
