@@ -188,30 +188,6 @@ def test_prediction_crop_contains_small_organs_that_stage_one_found(phantom):
             assert b.start == max(0, t.start - pad) and b.stop == min(n, t.stop + pad)
 
 
-def test_crop_follows_the_summed_small_organ_probability(phantom):
-    """Where no small organ wins stage one's argmax but the small organs together hold enough probability, the
-    crop still contains them; the threshold decides, and a higher one finds nothing."""
-    config, spec, small, fine, coarse = phantom
-    channels = [spec.organs.index(o) + 1 for o in small]
-    c, f = coarse[0], fine[0]
-    lenses = [o for o in small if o.startswith("Lens")]
-    probs = _one_hot(np.where(np.isin(c.label, [spec.label_values[o] for o in small]), 0, c.label), spec.organs,
-                     spec.label_values)
-    where = np.isin(c.label, [spec.label_values[o] for o in lenses])
-    for organ in lenses:  # background keeps 0.7, each lens gets 0.15: background wins the argmax everywhere
-        probs[spec.organs.index(organ) + 1][where] = 0.15
-    probs[0][where] = 0.7
-    assert not np.isin(probs.argmax(0), channels).any()
-    box, found = cascade_crop(probs, channels, f.label.shape, [4.0, 4.0, 5.0], 10.0, threshold=0.25)
-    assert found
-    inside = np.zeros(f.label.shape, bool)
-    inside[box] = True
-    truth = np.isin(f.label, [spec.label_values[o] for o in lenses])
-    assert truth.any() and not (truth & ~inside).any() and inside.sum() < inside.size
-    box, found = cascade_crop(probs, channels, f.label.shape, [4.0, 4.0, 5.0], 10.0, threshold=0.31)
-    assert not found and all(b == slice(0, n) for b, n in zip(box, f.label.shape))
-
-
 def test_stage_two_augmentation_leaves_the_guidance_channels_alone():
     """Brightness, gamma and noise change the CT channel only; flips move every channel alike."""
     from fastseg.data.augment import Augmenter
@@ -253,9 +229,7 @@ def test_final_file_holds_both_stages(trained):
         assert stage["iteration"] == 3
         for k, v in stage["model"].items():
             assert torch.equal(v, key["model"][k]), k
-    assert cascade["crop_threshold"] == TrainConfig().cascade_crop_threshold
-    predictor = load_predictor(run / "model_final.pt", device="cpu")
-    assert isinstance(predictor, CascadePredictor) and predictor.crop_threshold == cascade["crop_threshold"]
+    assert isinstance(load_predictor(run / "model_final.pt", device="cpu"), CascadePredictor)
     assert type(load_predictor(run / "stage1" / "model_final.pt", device="cpu")) is Predictor
     with pytest.raises(ValueError, match="got stage two of a cascade .* use .*model_final.pt"):
         load_predictor(run / "stage2" / "model_final.pt", device="cpu")
@@ -370,10 +344,6 @@ def test_cascade_setting_errors(dataset, tmp_path, capsys):
         TrainConfig(cascade_small_organs="CubeA")
     with pytest.raises(ValueError, match="cascade_max_volume_ml: expected a finite number > 0"):
         TrainConfig(cascade_max_volume_ml=0)
-    with pytest.raises(ValueError, match=r"cascade_crop_threshold: expected a probability in \(0, 1\], got 1.5"):
-        TrainConfig(cascade_crop_threshold=1.5)
-    with pytest.raises(ValueError, match="cascade_crop_threshold: expected a finite number > 0, got 0"):
-        TrainConfig(cascade_crop_threshold=0)
     with pytest.raises(ValueError, match="activation: expected 'softmax' with cascade: true"):
         TrainConfig(cascade=True, activation="sigmoid")
     with pytest.raises(ValueError, match="CascadeTrainer: config: expected cascade: true"):

@@ -9,10 +9,9 @@ Nature Methods 2021) feeds the first stage's segmentation to the second as extra
   ``TrainConfig.cascade_max_volume_ml``) unless ``cascade_small_organs`` names the small organs;
 * stage one is an ordinary :class:`~fastseg.training.Trainer` on every organ at ``cascade_coarse_spacing``
   (default twice the target spacing), in ``<output_dir>/stage1``;
-* stage two sees, per case, one crop: the box of the voxels where stage one's summed probability of the
-  small organs reaches ``cascade_crop_threshold``, grown by ``cascade_margin_mm`` (:func:`cascade_crop`); its
-  inputs are the CT and stage one's probability of each small organ (resampled to the target spacing); its
-  classes are background + the small organs. It is in ``<output_dir>/stage2``;
+* stage two sees, per case, one crop: the box of the voxels stage one labels as a small organ, grown by
+  ``cascade_margin_mm``; its inputs are the CT and stage one's probability of each small organ (resampled to
+  the target spacing); its classes are background + the small organs. It is in ``<output_dir>/stage2``;
 * ``<output_dir>/model_final.pt`` holds both stages. Its top-level ``plan`` / ``model`` are stage one's, so a
   plain :class:`~fastseg.training.Predictor` reads it as the coarse all-organ model; :func:`load_predictor`
   gives the :class:`CascadePredictor`, which chains both stages into one label map.
@@ -137,39 +136,28 @@ def _union(a: Box, b: Box) -> Box:
 
 
 def cascade_crop(stage_one_probs: np.ndarray, small_channels: Sequence[int], fine_shape: Sequence[int],
-                 spacing: Sequence[float], margin_mm: float, truth: Optional[np.ndarray] = None, *,
-                 threshold: float = TrainConfig.cascade_crop_threshold) -> Tuple[Box, bool]:
+                 spacing: Sequence[float], margin_mm: float, truth: Optional[np.ndarray] = None
+                 ) -> Tuple[Box, bool]:
     """Stage two's crop on the fine grid, and whether stage one found a small organ.
-
-    The box holds every coarse voxel where stage one's summed probability of the small organs reaches
-    ``threshold``, grown by ``margin_mm``. The summed probability, not the argmax: stage one at a coarse
-    spacing rarely lets a 20-voxel cochlea or lens win the argmax, yet still puts part of its mass there, and
-    stage two only needs to know where small organs might be. Measured on the rendered real scans
-    (docs/cascade-real.md, 3 stage-one seeds, the 5 training cases): the argmax box held 42 % of the
-    small-organ voxels in one seed and found nothing in one case; 0.1 held all of them in every seed and case
-    (0.2: 99.2 %, 0.3: 92.6 %) with boxes of 37 % of the body-cropped volume on average. Dropping small
-    components of the thresholded mask, to shrink boxes stretched by stray voxels, lost organ voxels there.
 
     Args:
         stage_one_probs: (K, *coarse) stage-one class probabilities (channel 0 background).
         small_channels: the channels of the small organs.
         fine_shape: the fine (target-spacing) grid, covering the same extent as the coarse one.
         spacing: the fine grid's spacing (mm), for the margin.
-        margin_mm: added on every side of the box.
+        margin_mm: added on every side of the box of stage one's small-organ voxels.
         truth: (*fine_shape) bool mask of the ground-truth small organs (training crops): the box is widened
             to contain it.
-        threshold: the summed small-organ probability that puts a coarse voxel into the box (``TrainConfig.
-            cascade_crop_threshold``).
 
     Returns:
-        ``(box, found)``; when no voxel reaches ``threshold`` the box is the whole grid (found False), so
-        nothing is cropped away on stage one's word alone.
+        ``(box, found)``; when stage one labels no voxel as a small organ the box is the whole grid (found
+        False), so nothing is cropped away on stage one's word alone.
     """
-    candidate = stage_one_probs[list(small_channels)].sum(0) >= threshold
-    box = _bbox(candidate)
+    predicted = np.isin(stage_one_probs.argmax(0), list(small_channels))
+    box = _bbox(predicted)
     if box is None:
         return tuple(slice(0, n) for n in fine_shape), False
-    box = _grow(_to_fine(box, candidate.shape, fine_shape), margin_mm, spacing, fine_shape)
+    box = _grow(_to_fine(box, predicted.shape, fine_shape), margin_mm, spacing, fine_shape)
     if truth is not None:
         true_box = _bbox(truth)
         if true_box is not None:
@@ -299,8 +287,7 @@ class CascadeTrainer:
         lut[channels] = np.arange(1, len(small) + 1)
         target = lut[fine.label]
         box, found = cascade_crop(probs, channels, target.shape, spacing, self.config.cascade_margin_mm,
-                                  truth=target > 0 if part == "train" else None,
-                                  threshold=self.config.cascade_crop_threshold)
+                                  truth=target > 0 if part == "train" else None)
         if not found:
             warnings.warn(f"cascade: stage one predicts no small organ in {part} case {fine.name!r}; stage two "
                           "uses its whole body-cropped volume", stacklevel=2)
@@ -316,8 +303,7 @@ class CascadeTrainer:
             save_checkpoint({
                 "config": self.config.to_dict(), "plan": stage1.plan, "model": stage1.model.state_dict(),
                 "cascade": {"small_organs": small, "large_organs": large, "volumes_ml": dict(volumes),
-                            "margin_mm": float(self.config.cascade_margin_mm),
-                            "crop_threshold": float(self.config.cascade_crop_threshold), "plan": stage2.plan,
+                            "margin_mm": float(self.config.cascade_margin_mm), "plan": stage2.plan,
                             "model": stage2.model.state_dict()},
             }, path)
         return path
@@ -334,8 +320,8 @@ class CascadePredictor(Predictor):
     """Segments images with both stages of a cascade's ``model_final.pt``; the same arguments and outputs as
     :class:`Predictor` (one label map in the input's geometry; probabilities over background + every organ).
 
-    Stage one runs on the coarse grid; stage two at the target spacing inside the box of :func:`cascade_crop`
-    with the training threshold and margin (the whole body crop, with a warning, when stage one
+    Stage one runs on the coarse grid; stage two at the target spacing inside the box of stage one's
+    small-organ voxels grown by the training margin (the whole body crop, with a warning, when stage one
     finds none). Large organs come from stage one, small organs from stage two (see :func:`_combine`).
     """
 
@@ -349,8 +335,6 @@ class CascadePredictor(Predictor):
         cascade = state["cascade"]
         self.small_organs = list(cascade["small_organs"])
         self.margin_mm = float(cascade["margin_mm"])
-        # files written before the threshold existed (their crops were stage one's argmax) get the default
-        self.crop_threshold = float(cascade.get("crop_threshold", TrainConfig.cascade_crop_threshold))
         self.stage2_plan = cascade["plan"]
         self.stage2_model = build_model(self.stage2_plan)
         self.stage2_model.load_state_dict(cascade["model"])
@@ -382,8 +366,7 @@ class CascadePredictor(Predictor):
         fine = preprocess_case(image.array, image.spacing, None, target_spacing=plan2["target_spacing"],
                                window=plan2["window"])
         probs1 = self.stage_one_probabilities(coarse.image)
-        box, found = cascade_crop(probs1, self.small_channels, fine.info.shape, fine.info.spacing, self.margin_mm,
-                                  threshold=self.crop_threshold)
+        box, found = cascade_crop(probs1, self.small_channels, fine.info.shape, fine.info.spacing, self.margin_mm)
         if not found:
             warnings.warn("CascadePredictor: stage one predicts no small organ; stage two runs on the whole "
                           "body-cropped image", stacklevel=2)

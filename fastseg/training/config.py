@@ -55,8 +55,7 @@ class TrainConfig:
         behaviour, which leaves the network unable to tell left from right organs).
     Cascade (``fastseg.training.cascade``, softmax only): ``cascade`` trains two stages, all organs at
         ``cascade_coarse_spacing`` (None: twice the target spacing), then the small organs at the target
-        spacing inside a crop around stage one's prediction (the voxels where its summed small-organ
-        probability reaches ``cascade_crop_threshold``) grown by ``cascade_margin_mm``, with stage one's
+        spacing inside a crop around stage one's prediction grown by ``cascade_margin_mm``, with stage one's
         probabilities of them as extra input channels. Small organs: ``cascade_small_organs`` (names), or
         by default those whose median volume over the training cases is below ``cascade_max_volume_ml``.
     """
@@ -105,7 +104,6 @@ class TrainConfig:
     cascade_max_volume_ml: float = 10.0
     cascade_coarse_spacing: Optional[List[float]] = None
     cascade_margin_mm: float = 10.0
-    cascade_crop_threshold: float = 0.1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -161,9 +159,6 @@ class TrainConfig:
             _fail("cascade", "true or false", self.cascade)
         _check_real("cascade_max_volume_ml", self.cascade_max_volume_ml, positive=True)
         _check_real("cascade_margin_mm", self.cascade_margin_mm, positive=False)
-        _check_real("cascade_crop_threshold", self.cascade_crop_threshold, positive=True)
-        if self.cascade_crop_threshold > 1:
-            _fail("cascade_crop_threshold", "a probability in (0, 1]", self.cascade_crop_threshold)
         if self.cascade_coarse_spacing is not None:
             self.cascade_coarse_spacing = _positive_list("cascade_coarse_spacing", self.cascade_coarse_spacing)
         small = self.cascade_small_organs
