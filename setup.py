@@ -26,10 +26,23 @@ def _use_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def _check_object_names(sources):
+    # torch's ninja build names each object after its source without the extension, so x_cuda.cpp beside
+    # x_cuda.cu is "multiple rules generate x_cuda.o" -- on CUDA machines only. Checked on every build.
+    stems = {}
+    for source in sources:
+        stems.setdefault(os.path.splitext(source)[0], []).append(source)
+    clashes = [names for names in stems.values() if len(names) > 1]
+    if clashes:
+        raise SystemExit(f"fastseg build: sources {clashes} would compile to the same object file; rename one")
+
+
 def _extension():
     debug = _flag("FASTSEG_DEBUG")
     with_cuda = _use_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*/*_cpu.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/*/*_cuda.cpp") + glob.glob("csrc/*/*.cu"))
+    _check_object_names(sources + cuda_sources)
     torch_version = torch.__version__.split("+")[0]
     # -fno-trapping-math lets gcc if-convert (and so vectorise) the kernels' clamps and selects.
     cxx = ["-O0" if debug else "-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno",
@@ -39,7 +52,7 @@ def _extension():
     extra = {"cxx": cxx}
     kwargs = dict(extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
     if with_cuda:
-        sources += sorted(glob.glob("csrc/*/*_cuda.cpp") + glob.glob("csrc/*/*.cu"))
+        sources += cuda_sources
         cxx.append("-DFASTSEG_WITH_CUDA")
         extra["nvcc"] = ["-O0" if debug else "-O3", "-lineinfo", "--expt-relaxed-constexpr",
                          f'-DFASTSEG_TORCH_VERSION="{torch_version}"', "-DFASTSEG_WITH_CUDA"]

@@ -42,6 +42,7 @@ env_report() {
 }
 
 build() {
+  source scripts/cuda_env.sh
   export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
   "$PY" -m pip install -v --no-build-isolation --no-deps -e . || return 1
   "$PY" -c "import fastseg; info = fastseg.build_info(); print(info); assert info['cuda_kernels'], 'no CUDA kernels'"

@@ -4,6 +4,7 @@ Every comparison is exact: the float32 result must equal scipy's float64 result 
 for element (the kernels evaluate scipy's float64 expression from integer offsets, see csrc/edt/edt.h).
 """
 import itertools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ needs_cuda = pytest.mark.skipif(
     not (torch.cuda.is_available() and _extension.cuda_available()), reason="needs a CUDA device and kernels"
 )
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tcia-han-oar" / "validation"
+DATA = Path(os.environ.get("FASTSEG_DATA", Path(__file__).resolve().parents[2] / "shared/data/tcia-han-oar")) / "validation"
 
 
 def scipy_edt(mask, spacing=None):

@@ -41,7 +41,7 @@ mm = pytest.importorskip("monai.metrics")
 DISTANCE_KEYS = ("hd", "hd_percentile", "assd", "asd_pred_to_target", "asd_target_to_pred")
 RATIO_KEYS = ("nsd", "dice")
 DIST_TOL, RATIO_TOL = 1e-4, 1e-5  # mm, and for ratios: the bar
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tcia-han-oar" / "validation"
+DATA = Path(os.environ.get("FASTSEG_DATA", Path(__file__).resolve().parents[2] / "shared/data/tcia-han-oar")) / "validation"
 SP3, SP2 = (2.5, 1.01, 0.98), (0.7, 1.3)
 
 

@@ -1,4 +1,4 @@
-// ATen wrapper of the CUDA kernel of fastseg::calibration_stats (confidence_cuda.cu): checks, device guard,
+// ATen wrapper of the CUDA kernel of fastseg::calibration_stats (confidence_kernels.cu): checks, device guard,
 // allocation, dtype tags, launch on the current stream. Built only into a CUDAExtension.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>

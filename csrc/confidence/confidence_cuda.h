@@ -1,4 +1,4 @@
-// Torch-free interface of the CUDA kernel of fastseg::calibration_stats (confidence_cuda.cu). The ATen wrapper
+// Torch-free interface of the CUDA kernel of fastseg::calibration_stats (confidence_kernels.cu). The ATen wrapper
 // (confidence_cuda.cpp) passes raw pointers, element strides and dtype tags, so the kernel compiles with plain
 // nvcc on a machine whose torch has no CUDA.
 #pragma once

@@ -1,4 +1,4 @@
-// ATen wrapper of the CUDA kernels of the fused Dice + cross-entropy statistics (dice_ce_cuda.cu): checks,
+// ATen wrapper of the CUDA kernels of the fused Dice + cross-entropy statistics (dice_ce_kernels.cu): checks,
 // device guard, allocation, dtype tags, launch on the current stream. Built only into a CUDAExtension.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>

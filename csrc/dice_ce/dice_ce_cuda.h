@@ -1,4 +1,4 @@
-// Torch-free interface of the CUDA kernels of the fused Dice + cross-entropy statistics (dice_ce_cuda.cu).
+// Torch-free interface of the CUDA kernels of the fused Dice + cross-entropy statistics (dice_ce_kernels.cu).
 // The ATen wrapper (dice_ce_cuda.cpp) passes raw pointers, element strides and dtype tags, so the kernels
 // compile with plain nvcc on a machine whose torch has no CUDA.
 #pragma once

@@ -1,5 +1,5 @@
 // Exact Euclidean distance transform: the per-line maths shared by the CPU kernel (edt_cpu.cpp) and the CUDA
-// kernels (edt_cuda.cu). Torch-free, so plain nvcc compiles it.
+// kernels (edt_kernels.cu). Torch-free, so plain nvcc compiles it.
 //
 // Separable exact EDT (Meijster, Roerdink & Hesselink, "A general algorithm for computing distance transforms
 // in linear time", 2000; Felzenszwalb & Huttenlocher, "Distance Transforms of Sampled Functions", Theory of

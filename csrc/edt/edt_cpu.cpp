@@ -192,7 +192,7 @@ void run(const uint8_t* mask, Word* words, float* out, const Geometry& g, const 
     const double* s = &spacing[b * nd];
     at::parallel_for(0, g.N, 1 << 14, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        int64_t idx[kMaxDims], rest = i;
+        int64_t idx[kMaxDims] = {}, rest = i;  // initialised: gcc cannot see nd >= 1
         for (int k = nd - 1; k >= 0; --k) {
           idx[k] = rest % g.dims[k];
           rest /= g.dims[k];

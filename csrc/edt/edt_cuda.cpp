@@ -1,4 +1,4 @@
-// ATen wrapper of the CUDA kernels of the exact Euclidean distance transform (edt_cuda.cu): checks, device
+// ATen wrapper of the CUDA kernels of the exact Euclidean distance transform (edt_kernels.cu): checks, device
 // guard, allocation, spacing upload, launch on the current stream. Built only into a CUDAExtension.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>

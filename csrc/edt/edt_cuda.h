@@ -1,4 +1,4 @@
-// Torch-free interface of the CUDA kernels of the exact Euclidean distance transform (edt_cuda.cu). The ATen
+// Torch-free interface of the CUDA kernels of the exact Euclidean distance transform (edt_kernels.cu). The ATen
 // wrapper (edt_cuda.cpp) passes raw pointers, so the kernels compile with plain nvcc on a machine whose torch
 // has no CUDA.
 #pragma once
